@@ -1,0 +1,48 @@
+# The two commands the README promises: `make run` and `make test`. Each sets up .venv on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXT_STAMP := $(VENV)/.ext-built
+SOURCES := $(shell find aobd -name '*.py' -o -name '*.pyx' -o -name '*.pyi' 2>/dev/null)
+
+.PHONY: run test lint typecheck unit test-python test-c build bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# Cython twins built in place; the pure-Python references remain the specification.
+$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx)
+	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(EXT_STAMP)
+
+run: build
+	$(VENV)/bin/aobd run examples/agentic/workflow.json --inputs @examples/agentic/inputs.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aobd tests perf
+	$(VENV)/bin/ruff format --check aobd tests perf
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# The whole suite under both implementations of aobd._fast (as psycopg does with PSYCOPG_IMPL).
+test-python: build
+	AOBD_IMPL=python $(PY) -m pytest -q -p no:cacheprovider tests
+
+test-c: build
+	AOBD_IMPL=c $(PY) -m pytest -q -p no:cacheprovider tests
+
+test: build lint typecheck test-python test-c
+
+bench: build
+	$(PY) -m perf.bench_fast
+	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
+
+clean:
+	rm -rf build dist *.egg-info aobd/_fast/*.so aobd/_fast/*.c .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,48 @@
+"""Hot paths with two implementations: the pure-Python reference and its Cython twin.
+
+The choice is made once, here, at import (as psycopg does with ``PSYCOPG_IMPL``):
+
+* ``AOBD_IMPL=python``: the pure-Python references (``_py_jsonpatch``, ``_py_routing``), the specification.
+* ``AOBD_IMPL=c``: the compiled twins; an ImportError if they were not built (``make build``).
+* ``AOBD_IMPL=auto`` (default): compiled when available, else pure Python.
+
+Callers import from ``aobd._fast`` only; ``__impl__`` records which one was chosen ("c" or "python") so the
+daemon can log it and export it as a metric label.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+_VALID = ("auto", "c", "python")
+
+
+def _choose() -> tuple[ModuleType, ModuleType, str]:
+    wanted = os.environ.get("AOBD_IMPL", "auto").strip().lower() or "auto"
+    if wanted not in _VALID:
+        raise ImportError(f"AOBD_IMPL={wanted!r} is not one of {', '.join(_VALID)}")
+    from aobd._fast import _py_jsonpatch, _py_routing
+
+    if wanted == "python":
+        return _py_jsonpatch, _py_routing, "python"
+    try:
+        from aobd._fast import jsonpatch, routing  # type: ignore[attr-defined]
+    except ImportError as exc:
+        if wanted == "c":
+            raise ImportError(
+                "AOBD_IMPL=c but the compiled extensions are not built; run `make build` "
+                "(or `python setup.py build_ext --inplace`)"
+            ) from exc
+        return _py_jsonpatch, _py_routing, "python"
+    return jsonpatch, routing, "c"
+
+
+_patch_mod, _routing_mod, __impl__ = _choose()
+
+apply_patch = _patch_mod.apply_patch
+resolve_pointer = _patch_mod.resolve_pointer
+parse_pointer = _patch_mod.parse_pointer
+Router = _routing_mod.Router
+
+__all__ = ["Router", "__impl__", "apply_patch", "parse_pointer", "resolve_pointer"]

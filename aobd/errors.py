@@ -1,0 +1,102 @@
+"""The one exception tree of aobd.
+
+Every error a user can cause is an :class:`AobdError` whose message says what was wrong, where (file, node id,
+JSON pointer) and, when it helps, what would be right. ``code`` is a stable machine-readable identifier used in
+events, CLI JSON and (later) the HTTP error shape ``{"error": {"code", "message", "details"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AobdError(Exception):
+    """Base of every error aobd raises on purpose."""
+
+    code = "aobd_error"
+
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class ConfigError(AobdError):
+    """A configuration key is missing, malformed or contradictory; the message names the key."""
+
+    code = "config_error"
+
+
+class WorkflowInvalid(AobdError):
+    """A workflow document failed validation; ``details`` holds one entry per problem."""
+
+    code = "workflow_invalid"
+
+
+class ExpressionError(AobdError):
+    """A JMESPath binding or condition does not compile or failed to evaluate."""
+
+    code = "expression_error"
+
+
+class PatchError(AobdError):
+    """A JSON Patch could not be applied (RFC 6902 failure: bad pointer, failed test, bad op)."""
+
+    code = "patch_error"
+
+    def __init__(self, message: str, *, op_index: int | None = None, path: str | None = None) -> None:
+        details = [{"op_index": op_index, "path": path}] if op_index is not None or path is not None else []
+        super().__init__(message, details=details)
+        self.op_index = op_index
+        self.path = path
+
+
+class PointerError(PatchError):
+    """A JSON Pointer (RFC 6901) is malformed or does not resolve."""
+
+    code = "pointer_error"
+
+
+class SsrfDenied(AobdError):
+    """An outbound HTTP target is in a denied range and not allow-listed."""
+
+    code = "ssrf_denied"
+
+
+class StoreError(AobdError):
+    """A storage backend failed (I/O, corruption)."""
+
+    code = "store_error"
+
+
+class ConflictError(StoreError):
+    """An append's expected seq did not match: another writer appended to the run first."""
+
+    code = "seq_conflict"
+
+
+class IntegrityError(StoreError):
+    """A blob read from the CAS does not hash to its ref."""
+
+    code = "cas_integrity"
+
+
+class NotFound(AobdError):
+    """A run, blob, workflow or patch does not exist."""
+
+    code = "not_found"
+
+
+class NodeError(AobdError):
+    """A node attempt failed. ``retryable`` tells the engine whether another attempt may succeed."""
+
+    code = "node_error"
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool = True) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.retryable = retryable
