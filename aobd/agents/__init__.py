@@ -1,0 +1,1 @@
+"""Agent providers. Every provider answers in one shape: :class:`aobd.agents.base.AgentAnswer`."""

@@ -1,0 +1,443 @@
+"""The asyncio driver: feeds commands to run machines and performs their effects.
+
+For each command it (1) asks the machine for a :class:`Step`, (2) makes the step's blobs durable in the CAS,
+(3) appends its events with the expected seq, and only then (4) performs the effects: dispatching node
+attempts, arming wakes, resolving waiters. A run's commands are serialized by a per-run lock, so each run has
+exactly one writer in this process; the log's expected-seq check refuses a second process writing the same
+run. If anything between (1) and (3) fails, the machine is rebuilt from the log, so memory never runs ahead
+of what is durable.
+
+Seams for later issues: ``EventLog``/``Cas`` are protocols (Postgres/S3 plug in there), dispatching goes
+through ``_dispatch`` (the runner plane and Kafka job topics plug in there), and ``listeners`` receive every
+committed event (the fanout plane and metrics plug in there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aobd.agents.base import AgentAnswer
+from aobd.errors import AobdError, ConflictError, NodeError, NotFound, WorkflowInvalid
+from aobd.model import events as ev
+from aobd.model.canonical import canonical_json
+from aobd.model.ir import IRCache
+from aobd.model.patch import PatchProposal, http_urls
+from aobd.nodes.base import NodeContext
+from aobd.nodes.registry import Executor, default_executors
+from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
+
+from .effects import Dispatch, Finished, Step, Wake
+from .machine import RunMachine
+
+Listener = Callable[[list[ev.Event]], None]
+WorkflowResolver = Callable[[str], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _RunSlot:
+    machine: RunMachine
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    done: asyncio.Future[str] | None = None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+class Engine:
+    """Runs workflows on an event log and a CAS. One instance per process (or per orchestrator shard)."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        cas: Cas,
+        *,
+        executors: dict[str, Executor] | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        fidelity: str = "full",
+        http_allow: list[str] | None = None,
+        workflow_resolver: WorkflowResolver | None = None,
+        max_inflight: int = 10_000,
+    ) -> None:
+        self.log = log
+        self.cas = cas
+        self.clock = clock
+        self.rand = rand
+        self.fidelity = fidelity
+        self.executors = executors if executors is not None else default_executors()
+        self.workflow_resolver = workflow_resolver
+        self.listeners: list[Listener] = []
+        self.ir_cache = IRCache()
+        self._http_allow = list(http_allow or [])
+        self._http_client: Any = None
+        self._url_guard: Any = None
+        self._runs: dict[str, _RunSlot] = {}
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+
+    async def start_run(
+        self,
+        document: dict[str, Any],
+        inputs: Any = None,
+        *,
+        run_id: str | None = None,
+        workspace: str = "default",
+        parent_run_id: str | None = None,
+        parent_node_id: str | None = None,
+    ) -> str:
+        """Validate, record RunCreated and start the source nodes. Returns the run id."""
+        run_id = run_id or new_run_id()
+        machine, step = RunMachine.start(
+            run_id,
+            document,
+            {} if inputs is None else inputs,
+            self.clock(),
+            workspace=workspace,
+            fidelity=self.fidelity,
+            parent_run_id=parent_run_id,
+            parent_node_id=parent_node_id,
+            ir_cache=self.ir_cache,
+        )
+        slot = _RunSlot(machine)
+        self._runs[run_id] = slot
+        async with slot.lock:
+            try:
+                await self._persist(slot, step, first=True)
+            except BaseException:
+                self._runs.pop(run_id, None)
+                raise
+            self._perform(slot, step)
+        return run_id
+
+    async def wait(self, run_id: str) -> dict[str, Any]:
+        """Wait until the run is no longer running (or waiting on a person/timer) and return its summary."""
+        slot = self._runs.get(run_id)
+        if slot is not None:
+            if slot.done is None:
+                slot.done = asyncio.get_running_loop().create_future()
+                if slot.machine.status != "running":
+                    slot.done.set_result(slot.machine.status)
+            await asyncio.shield(slot.done)
+            return slot.machine.summary()
+        return (await self.load(run_id)).summary()
+
+    async def run(self, document: dict[str, Any], inputs: Any = None, **kwargs: Any) -> dict[str, Any]:
+        return await self.wait(await self.start_run(document, inputs, **kwargs))
+
+    async def load(self, run_id: str) -> RunMachine:
+        """A machine rebuilt from the log (the live one if this engine owns the run)."""
+        slot = self._runs.get(run_id)
+        if slot is not None:
+            return slot.machine
+        return await self._rebuild(run_id)
+
+    async def resume(self, run_id: str) -> None:
+        """Take ownership of an unfinished run found in the log and carry it on."""
+        if run_id in self._runs:
+            return
+        machine = await self._rebuild(run_id)
+        slot = _RunSlot(machine)
+        self._runs[run_id] = slot
+        async with slot.lock:
+            step = machine.recover(self.clock())
+            await self._persist(slot, step)
+            self._perform(slot, step)
+
+    async def resume_all(self) -> list[str]:
+        """Resume every unfinished run of the log (crash recovery); returns their ids."""
+        ids = await self.log.unfinished_runs()
+        for run_id in ids:
+            await self.resume(run_id)
+        return ids
+
+    async def propose_patch(self, run_id: str, proposal: PatchProposal) -> str:
+        slot = self._owned(run_id)
+        verdicts = await self._url_verdicts(proposal)
+        async with slot.lock:
+            step, patch_id = slot.machine.propose_patch(proposal, self.clock(), url_check=verdicts)
+            await self._commit(slot, step)
+        return patch_id
+
+    async def decide_patch(self, run_id: str, patch_id: str, approve: bool, by: str) -> None:
+        slot = self._owned(run_id)
+        record = slot.machine.patches.get(patch_id)
+        verdicts = await self._url_verdicts(PatchProposal(ops=record.ops)) if record else _no_verdicts
+        async with slot.lock:
+            await self._commit(slot, slot.machine.decide_patch(patch_id, approve, by, self.clock(), url_check=verdicts))
+
+    async def rollback_patch(self, run_id: str, patch_id: str, by: str) -> None:
+        slot = self._owned(run_id)
+        async with slot.lock:
+            await self._commit(slot, slot.machine.rollback_patch(patch_id, by, self.clock()))
+
+    async def decide_approval(self, run_id: str, ticket: str, decision: str, by: str, reason: str = "") -> None:
+        slot = self._owned(run_id)
+        async with slot.lock:
+            await self._commit(slot, slot.machine.decide_approval(ticket, decision, by, reason, self.clock()))
+
+    async def cancel(self, run_id: str, reason: str = "", by: str | None = None) -> None:
+        slot = self._owned(run_id)
+        async with slot.lock:
+            await self._commit(slot, slot.machine.cancel(reason, by, self.clock()))
+        for task in list(slot.tasks):
+            task.cancel()
+
+    async def close(self) -> None:
+        """Stop timers and in-flight attempts (their runs stay resumable) and release clients."""
+        self._closed = True
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        tasks = [t for slot in self._runs.values() for t in slot.tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http_client is not None:
+            await self._http_client.close()
+
+    def active_runs(self) -> list[str]:
+        return [rid for rid, slot in self._runs.items() if slot.machine.status == "running"]
+
+    # ------------------------------------------------------------------ persistence
+
+    def _owned(self, run_id: str) -> _RunSlot:
+        slot = self._runs.get(run_id)
+        if slot is None:
+            raise NotFound(f"run {run_id} is not active in this engine")
+        return slot
+
+    async def _rebuild(self, run_id: str) -> RunMachine:
+        records = await self.log.read(run_id)
+        if not records:
+            raise NotFound(f"no run {run_id!r} in the event log")
+        events = [ev.decode_event(r.data) for r in records]
+        created = events[0]
+        assert isinstance(created, ev.RunCreated)
+        base_doc = orjson.loads(await self.cas.get(created.base_ref))
+        blobs: dict[str, Any] = {}
+        for e in events:
+            if isinstance(e, ev.NodeCompleted) and not e.inline:
+                blobs[e.output_ref] = orjson.loads(await self.cas.get(e.output_ref))
+        return RunMachine.from_events(events, base_doc, blobs, ir_cache=self.ir_cache)
+
+    async def _persist(self, slot: _RunSlot, step: Step, *, first: bool = False) -> None:
+        if step.blobs:
+            await self.cas.put_many(list(step.blobs.values()))
+        if not step.events:
+            return
+        machine = slot.machine
+        records = [EventRecord(machine.run_id, e.seq, ev.event_type(e), e.ts, ev.encode_event(e)) for e in step.events]
+        index = RunIndex(
+            workflow=machine.workflow_name if first else None,
+            status=machine.public_status(),
+            parent_run_id=machine.created.parent_run_id if first else None,
+            workspace=machine.workspace if first else None,
+        )
+        await self.log.append(machine.run_id, records, index=index)
+        for listener in self.listeners:
+            listener(step.events)
+
+    async def _commit(self, slot: _RunSlot, step: Step) -> None:
+        """Persist a step of a live run and perform its effects; on failure, resync the machine with the log."""
+        try:
+            await self._persist(slot, step)
+        except ConflictError:
+            # Another writer owns this run now: stop driving it.
+            self._runs.pop(slot.machine.run_id, None)
+            raise
+        except BaseException:
+            slot.machine = await self._rebuild(slot.machine.run_id)
+            raise
+        self._perform(slot, step)
+
+    # ------------------------------------------------------------------ effects
+
+    def _perform(self, slot: _RunSlot, step: Step) -> None:
+        for effect in step.effects:
+            if isinstance(effect, Dispatch):
+                self._spawn(slot, self._execute(slot, effect))
+            elif isinstance(effect, Wake):
+                self._arm(slot, effect)
+            elif isinstance(effect, Finished):
+                self._finish(slot)
+
+    def _spawn(self, slot: _RunSlot, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        slot.tasks.add(task)
+        task.add_done_callback(slot.tasks.discard)
+
+    def _finish(self, slot: _RunSlot) -> None:
+        if slot.done is None:
+            slot.done = asyncio.get_running_loop().create_future()
+        if not slot.done.done():
+            slot.done.set_result(slot.machine.status)
+        # Finished runs leave memory once their waiters have the summary; loading rebuilds from the log.
+        asyncio.get_running_loop().call_later(5.0, self._forget, slot.machine.run_id, slot)
+
+    def _forget(self, run_id: str, slot: _RunSlot) -> None:
+        if self._runs.get(run_id) is slot and slot.machine.status != "running":
+            del self._runs[run_id]
+
+    def _arm(self, slot: _RunSlot, wake: Wake) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        # Wall-clock deadline to monotonic loop time; a wake that arrives early is simply re-armed.
+        delay = max(0.0, wake.at - self.clock())
+        handle = loop.call_later(delay, lambda: self._spawn(slot, self._wake(slot, wake)))
+        self._timers.add(handle)
+
+    async def _wake(self, slot: _RunSlot, wake: Wake) -> None:
+        if self.clock() < wake.at:
+            self._arm(slot, wake)
+            return
+        async with slot.lock:
+            await self._commit(slot, slot.machine.wake(wake.kind, wake.node_id, wake.attempt, self.clock()))
+
+    async def _execute(self, slot: _RunSlot, job: Dispatch) -> None:
+        machine = slot.machine
+        ctx = NodeContext(
+            run_id=machine.run_id,
+            node_id=job.node_id,
+            attempt=job.attempt,
+            idempotency_key=f"{machine.run_id}:{job.node_id}",
+            timeout_s=job.timeout_s,
+            workspace=machine.workspace,
+            services=self._services(machine),
+        )
+        started = time.perf_counter()
+        async with self._inflight:
+            try:
+                async with asyncio.timeout(job.timeout_s):
+                    result = await self._run_node(job.node, job.inputs, ctx)
+            except TimeoutError:
+                error = {"code": "timeout", "message": f"node {job.node_id!r} attempt {job.attempt} timed out after {job.timeout_s:g}s"}
+                await self._report_failure(slot, job, error, True, started)
+                return
+            except NodeError as exc:
+                await self._report_failure(slot, job, {"code": exc.code, "message": exc.message}, exc.retryable, started)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A handler raised: a retryable error carrying the innermost frames, never a crash of the engine.
+                tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
+                error = {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb)[-2000:]}
+                await self._report_failure(slot, job, error, True, started)
+                return
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        patch = usage = None
+        if isinstance(result, AgentAnswer):
+            patch, usage, result = result.patch, result.usage, result.output
+        verdicts = await self._url_verdicts(patch) if patch is not None else _no_verdicts
+        async with slot.lock:
+            step = slot.machine.node_completed(
+                job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms, patch=patch, url_check=verdicts, usage=usage
+            )
+            await self._commit(slot, step)
+
+    async def _run_node(self, node: Any, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        executor = self.executors.get(node.type)
+        if executor is None:
+            if node.type == "http":
+                executor = self.executors["http"] = await self._http_executor()
+            else:
+                raise NodeError(f"no executor for node type {node.type!r}", code="no_executor", retryable=False)
+        return await executor(node, inputs, ctx)
+
+    async def _report_failure(self, slot: _RunSlot, job: Dispatch, error: dict[str, Any], retryable: bool, started: float) -> None:
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        async with slot.lock:
+            step = slot.machine.node_failed(job.node_id, job.attempt, error, retryable, self.clock(), rand=self.rand(), duration_ms=duration_ms)
+            await self._commit(slot, step)
+
+    def _services(self, machine: RunMachine) -> dict[str, Any]:
+        return {"version": machine.version, "execute": self._run_node, "run_child": self._run_child}
+
+    # ------------------------------------------------------------------ http, SSRF and composites
+
+    async def _http_executor(self) -> Executor:
+        from aobd.nodes.http import HttpNodeClient, execute_http
+
+        if self._http_client is None:
+            self._http_client = HttpNodeClient(allow=self._http_allow)
+        client = self._http_client
+
+        async def run_http(node: Any, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+            return await execute_http(node.config, inputs, ctx, client)
+
+        return run_http
+
+    async def _url_verdicts(self, proposal: PatchProposal | None) -> Callable[[str], list[str]]:
+        """Resolve and judge the URLs a patch would add (I/O), so that judging the patch stays pure."""
+        urls = http_urls(proposal.ops) if proposal is not None else []
+        if not urls:
+            return _no_verdicts
+        from aobd.security.ssrf import UrlGuard
+
+        if self._url_guard is None:
+            self._url_guard = UrlGuard(allow=self._http_allow)
+        verdicts: dict[str, list[str]] = await self._url_guard.check_urls(urls)
+        return lambda url: verdicts.get(url, [])
+
+    async def _run_child(self, node: Any, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        config = node.config
+        if config.get("definition") is not None:
+            document = config["definition"]
+        else:
+            if self.workflow_resolver is None:
+                raise NodeError(f"composite {ctx.node_id!r}: no workflow registry to find {config['workflow']!r}", code="no_workflow", retryable=False)
+            try:
+                document = self.workflow_resolver(config["workflow"])
+            except (AobdError, OSError) as exc:
+                raise NodeError(f"composite {ctx.node_id!r}: workflow {config['workflow']!r}: {exc}", code="no_workflow", retryable=False) from None
+        child_id = f"{ctx.run_id}.{ctx.node_id}.{ctx.attempt}"
+        if await self.log.last_seq(child_id) == 0:
+            try:
+                await self.start_run(document, inputs, run_id=child_id, workspace=ctx.workspace, parent_run_id=ctx.run_id, parent_node_id=ctx.node_id)
+            except WorkflowInvalid as exc:
+                raise NodeError(f"composite {ctx.node_id!r}: {exc.message}", code="workflow_invalid", retryable=False) from None
+        else:
+            await self.resume(child_id)
+        summary = await self.wait(child_id)
+        if summary["status"] != "completed":
+            raise NodeError(f"child run {child_id} {summary['status']}: {summary['error']}", code="child_failed", retryable=False)
+        return summary["outputs"]
+
+
+def _no_verdicts(url: str) -> list[str]:
+    return []
+
+
+def new_run_id() -> str:
+    """Time-ordered, unique run ids (``r`` + 12 hex of ms timestamp + 8 random hex): they sort by creation."""
+    return f"r{int(time.time() * 1000):012x}{uuid.uuid4().hex[:8]}"
+
+
+def file_workflow_resolver(directory: Path) -> WorkflowResolver:
+    """Resolve composite ``config.workflow`` names to ``<dir>/<name>.json`` (used by ``aobd run FILE``)."""
+
+    def resolve(name: str) -> dict[str, Any]:
+        for candidate in (directory / f"{name}.json", directory / name / "workflow.json"):
+            if candidate.is_file():
+                data: dict[str, Any] = orjson.loads(candidate.read_bytes())
+                return data
+        raise NotFound(f"no workflow {name!r} next to the parent ({directory}/{name}.json)")
+
+    return resolve
+
+
+def encode_json(value: Any) -> bytes:
+    return canonical_json(value)

@@ -1,0 +1,1 @@
+"""Executors, one module per node type. ``registry`` maps a node type to its executor."""
