@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 import traceback
 import uuid
@@ -95,6 +96,7 @@ class Engine:
         workspace: str = "default",
         parent_run_id: str | None = None,
         parent_node_id: str | None = None,
+        source_dir: str | None = None,
     ) -> str:
         """Validate, record RunCreated and start the source nodes. Returns the run id."""
         run_id = run_id or new_run_id()
@@ -107,6 +109,7 @@ class Engine:
             fidelity=self.fidelity,
             parent_run_id=parent_run_id,
             parent_node_id=parent_node_id,
+            source_dir=source_dir,
             ir_cache=self.ir_cache,
         )
         slot = _RunSlot(machine)
@@ -147,6 +150,9 @@ class Engine:
         if run_id in self._runs:
             return
         machine = await self._rebuild(run_id)
+        source_dir = machine.created.source_dir
+        if source_dir and source_dir not in sys.path:
+            sys.path.insert(0, source_dir)  # handlers that live next to the workflow file
         slot = _RunSlot(machine)
         self._runs[run_id] = slot
         async with slot.lock:

@@ -140,6 +140,7 @@ class RunMachine:
         fidelity: str = "full",
         parent_run_id: str | None = None,
         parent_node_id: str | None = None,
+        source_dir: str | None = None,
         ir_cache: IRCache | None = None,
     ) -> tuple[RunMachine, Step]:
         """Create a run: RunCreated plus the scheduling of its source nodes."""
@@ -161,6 +162,7 @@ class RunMachine:
             parent_run_id=parent_run_id,
             parent_node_id=parent_node_id,
             fidelity=fidelity,
+            source_dir=source_dir,
         )
         machine = cls(created, document, ir_cache=ir_cache)
         machine.ir_cache.get(base_ref, lambda: workflow)

@@ -35,6 +35,9 @@ class RunCreated(Event, tag="RunCreated"):
     #: Composite children: the parent run's node that started this run.
     parent_node_id: str | None = None
     fidelity: str = "full"
+    #: Directory of the workflow file a run was started from (``aobd run FILE``); handlers next to the file
+    #: are importable from there, also when ``aobd resume`` picks the run up after a crash.
+    source_dir: str | None = None
 
 
 class NodeScheduled(Event, tag="NodeScheduled"):

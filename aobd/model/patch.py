@@ -97,18 +97,13 @@ def judge_patch(
     if not isinstance(new_doc, dict):
         return Judgement(False, [PatchReason("apply_failed", "the patched document is not an object", 1)])
 
-    workflow, problems = validate_document(new_doc)
-    if problems:
-        return Judgement(
-            False,
-            [PatchReason("invalid_result", p.message, 3, p.pointer or None, None, p.node_id) for p in problems],
-        )
-    assert workflow is not None
-    old_nodes = {n["id"]: n for n in document.get("nodes", []) if isinstance(n, dict)}
-    new_nodes = {n["id"]: n for n in new_doc["nodes"]}
+    # Rules 3-6 are all checked, so the proposer learns every reason at once, not one per attempt.
+    _, problems = validate_document(new_doc)
+    reasons = [PatchReason("invalid_result", p.message, 3, p.pointer or None, None, p.node_id) for p in problems]
+    old_nodes = _nodes_by_id(document)
+    new_nodes = _nodes_by_id(new_doc)
     added = [nid for nid in new_nodes if nid not in old_nodes]
-
-    reasons = _check_past(document, new_doc, old_nodes, new_nodes, facts)
+    reasons += _check_past(document, new_doc, old_nodes, new_nodes, facts)
     reasons += _check_limits(added, new_nodes, facts, count_limits)
     reasons += _check_urls(old_nodes, new_nodes, url_check)
     if reasons:
@@ -145,8 +140,22 @@ def _check_scope(ops: Sequence[Mapping[str, Any]]) -> list[PatchReason]:
     return reasons
 
 
+def _nodes_by_id(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    nodes = doc.get("nodes")
+    if not isinstance(nodes, list):
+        return {}
+    return {n["id"]: n for n in nodes if isinstance(n, dict) and isinstance(n.get("id"), str)}
+
+
+def _edges(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    edges = doc.get("edges")
+    if not isinstance(edges, list):
+        return []
+    return [e for e in edges if isinstance(e, dict) and isinstance(e.get("from"), str) and isinstance(e.get("to"), str)]
+
+
 def _edge_set(doc: Mapping[str, Any]) -> set[tuple[str, str]]:
-    return {(e["from"], e["to"]) for e in doc.get("edges", []) if isinstance(e, dict)}
+    return {(e["from"], e["to"]) for e in _edges(doc)}
 
 
 def _check_past(
@@ -167,7 +176,7 @@ def _check_past(
             status = facts.node_status[nid]
             reasons.append(PatchReason("past_changed", f"node {nid!r} is {status} and cannot be changed", 4, None, None, nid))
     old_edges, new_edges = _edge_set(old_doc), _edge_set(new_doc)
-    old_when = {(e["from"], e["to"]): e.get("when") for e in old_doc.get("edges", []) if isinstance(e, dict)}
+    old_when = {(e["from"], e["to"]): e.get("when") for e in _edges(old_doc)}
     for edge in sorted(new_edges ^ old_edges):
         if edge[1] in past:
             verb = "added" if edge in new_edges else "removed"
@@ -181,7 +190,7 @@ def _check_past(
                     edge[1],
                 )
             )
-    for e in new_doc.get("edges", []):
+    for e in _edges(new_doc):
         key = (e["from"], e["to"])
         if key in old_edges and key[1] in past and e.get("when") != old_when.get(key):
             reasons.append(
@@ -212,6 +221,8 @@ def _check_limits(
     proposer_depth = facts.agent_depth.get(facts.proposer_node or "", 0)
     for nid in added:
         node_type = new_nodes[nid].get("type")
+        if node_type is None:
+            continue  # rule 3 already reports it
         if node_type not in policy.allowed_node_types:
             reasons.append(
                 PatchReason(
@@ -243,7 +254,10 @@ def _check_urls(old_nodes: Mapping[str, Any], new_nodes: Mapping[str, Any], url_
     for nid, node in new_nodes.items():
         if node.get("type") != "http" or old_nodes.get(nid) == node:
             continue
-        url = node.get("config", {}).get("url", "")
+        config = node.get("config")
+        url = config.get("url") if isinstance(config, dict) else None
+        if not isinstance(url, str):
+            continue  # rule 3 already reports it
         for why in url_check(url):
             reasons.append(PatchReason("ssrf", why, 6, None, None, nid))
     return reasons

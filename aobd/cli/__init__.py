@@ -1,0 +1,1 @@
+"""The ``aobd`` command line (DESIGN.md section 8)."""

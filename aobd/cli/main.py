@@ -1,0 +1,121 @@
+"""``aobd``: the daemon binary and its local commands (DESIGN.md section 8).
+
+``run``, ``resume``, ``show``, ``runs`` and ``validate`` work directly on a data dir with the embedded stores,
+in this process. ``serve`` is the daemon (HTTP API, admin socket), built in the daemon issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aobd.errors import AobdError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aobd", description="aobd: workflow orchestration for agentic workflows")
+    parser.add_argument("--config", help="TOML config file (env AOBD_CONFIG)")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--single-process", action="store_true")
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="data directory (env AOBD_DATA_DIR, default ./.aobd)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    run = sub.add_parser("run", help="run one workflow in this process, showing its timeline live")
+    run.add_argument("file", help="workflow JSON file")
+    run.add_argument("--inputs", default="{}", help="inputs as JSON, or @FILE")
+    run.add_argument("--fast", action="store_true", help="fast-path mode: leave out NodeScheduled/NodeStarted")
+    data_dir(run)
+
+    resume = sub.add_parser("resume", help="finish every unfinished run of the data dir (after a crash)")
+    data_dir(resume)
+
+    show = sub.add_parser("show", help="show one run")
+    show.add_argument("run_id")
+    show.add_argument("--events", action="store_true", help="include the events")
+    data_dir(show)
+
+    runs = sub.add_parser("runs", help="list runs")
+    runs.add_argument("--status", help="only runs with this status")
+    runs.add_argument("--limit", type=int, default=50)
+    data_dir(runs)
+
+    validate = sub.add_parser("validate", help="validate a workflow file; exit 1 listing every problem")
+    validate.add_argument("file")
+    validate.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        if command == "validate":
+            return _validate(args)
+        if command == "serve":
+            print("aobd serve: the daemon is not built yet; use `aobd run FILE` (see README)", file=sys.stderr)
+            return EXIT_USAGE
+        from aobd.cli import local
+
+        handler = {"run": local.cmd_run, "resume": local.cmd_resume, "show": local.cmd_show, "runs": local.cmd_runs}[command]
+        return _run_async(handler(args))
+    except AobdError as exc:
+        if getattr(args, "json", False):
+            print(orjson.dumps({"error": exc.to_dict()}).decode())
+        else:
+            print(f"aobd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from aobd.model.validate import validate_document
+    from aobd.nodes.function import check_handler
+
+    path = Path(args.file)
+    document = read_json_file(path)
+    sys.path.insert(0, str(path.resolve().parent))
+    _, problems = validate_document(document, handler_check=check_handler)
+    if args.json:
+        import msgspec
+
+        print(orjson.dumps({"valid": not problems, "problems": [msgspec.to_builtins(p) for p in problems]}).decode())
+    elif problems:
+        print(f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"{path}: valid")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def read_json_file(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise AobdError(f"{path}: no such file") from None
+    except orjson.JSONDecodeError as exc:
+        raise AobdError(f"{path}: not valid JSON: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

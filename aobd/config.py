@@ -1,0 +1,103 @@
+"""The one configuration object: a frozen msgspec Struct tree from TOML plus ``AOBD_*`` environment variables.
+
+Loaded once at start (``load_config``) and passed down; nothing else reads the environment (except the
+``aobd._fast`` implementation chooser, which must decide at import). Errors name the offending key.
+Every key is documented in ``configs/aobd.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from aobd.errors import ConfigError
+
+
+class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: host:port of the HTTP API (env AOBD_API_LISTEN).
+    listen: str = "127.0.0.1:7070"
+
+
+class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Unix socket of the admin API used by aobctl; empty means ``<data_dir>/aobd.sock`` (env AOBD_ADMIN_SOCKET).
+    socket: str = ""
+
+
+class SecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Outbound HTTP targets allowed despite the SSRF guard: "host:port", "host" or CIDR (env AOBD_HTTP_ALLOW).
+    http_allow: list[str] = msgspec.field(default_factory=list)
+
+
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: "full" records every event; "fast" leaves out NodeScheduled/NodeStarted (env AOBD_FIDELITY).
+    fidelity: Literal["full", "fast"] = "full"
+    #: Node attempts executing at once in this process.
+    max_inflight: int = 10_000
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Where the embedded stores live (env AOBD_DATA_DIR).
+    data_dir: str = "./.aobd"
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def admin_socket(self) -> Path:
+        return Path(self.admin.socket) if self.admin.socket else self.data_path / "aobd.sock"
+
+
+#: Environment variable -> (dotted key, parser).
+_ENV: dict[str, tuple[str, Any]] = {
+    "AOBD_DATA_DIR": ("data_dir", str),
+    "AOBD_API_LISTEN": ("api.listen", str),
+    "AOBD_ADMIN_SOCKET": ("admin.socket", str),
+    "AOBD_HTTP_ALLOW": ("security.http_allow", lambda v: [x.strip() for x in v.split(",") if x.strip()]),
+    "AOBD_FIDELITY": ("engine.fidelity", str),
+}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """TOML file (optional), then environment, then explicit overrides (CLI flags), validated once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    environ = os.environ if env is None else env
+    for name, (key, parse) in _ENV.items():
+        if name in environ:
+            _set(raw, key, parse(environ[name]))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, key, value)
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from None
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
