@@ -1,0 +1,43 @@
+"""Shared fixtures: workflow builders and an engine on the in-memory stores."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTDATA = ROOT.parent / "shared" / "testdata"
+EXAMPLES = ROOT / "examples"
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a fresh loop (pytest-asyncio is deliberately not a dependency)."""
+    return asyncio.run(coro)
+
+
+def fn(node_id: str, handler: str = "builtin:echo", **extra: Any) -> dict[str, Any]:
+    return {"id": node_id, "type": "function", "config": {"handler": handler}, **extra}
+
+
+def edge(a: str, b: str, when: str | None = None) -> dict[str, Any]:
+    return {"from": a, "to": b, **({"when": when} if when else {})}
+
+
+def workflow(nodes: list[dict[str, Any]], edges: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": extra.pop("name", "test"), "nodes": nodes, "edges": edges or [], **extra}
+
+
+def require_services() -> bool:
+    return os.environ.get("AOBD_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture
+def run() -> Callable[[Coroutine[Any, Any, T]], T]:
+    return run_async

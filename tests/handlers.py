@@ -1,0 +1,39 @@
+"""Handlers used by the test workflows (referenced as ``tests.handlers:<name>``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+CALLS: dict[str, int] = {}
+
+
+def add_one(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {"x": inputs["x"] + 1}
+
+
+async def async_double(inputs: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(0)
+    return {"x": inputs["x"] * 2}
+
+
+def with_ctx(inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    return {"key": ctx.idempotency_key, "attempt": ctx.attempt, "node": ctx.node_id}
+
+
+def boom(inputs: dict[str, Any]) -> None:
+    raise ValueError("the handler broke on purpose")
+
+
+def not_json(inputs: dict[str, Any]) -> Any:
+    return {"a set": {1, 2, 3}}
+
+
+async def slow(inputs: dict[str, Any]) -> str:
+    await asyncio.sleep(5)
+    return "late"
+
+
+def count(inputs: dict[str, Any], ctx: Any) -> int:
+    CALLS[ctx.idempotency_key] = CALLS.get(ctx.idempotency_key, 0) + 1
+    return CALLS[ctx.idempotency_key]
