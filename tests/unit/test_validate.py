@@ -91,3 +91,10 @@ def test_cli_validate_exits_1_and_names_every_problem(tmp_path: Path) -> None:
         [sys.executable, "-m", "aobd.cli.main", "validate", str(EXAMPLES / "w6" / "workflow.json")], capture_output=True, text=True, timeout=60
     )
     assert good.returncode == 0, good.stderr
+
+
+def test_committed_json_schema_is_current() -> None:
+    from aobd.model.schema import render
+
+    committed = (EXAMPLES.parent / "docs" / "workflow.schema.json").read_bytes()
+    assert committed == render(), "run `python -m aobd.model.schema` and commit docs/workflow.schema.json"
