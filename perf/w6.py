@@ -1,6 +1,7 @@
 """W6 (DESIGN.md section 10) through aobd: one JSON line of figures.
 
-    python -m perf.w6 --mode inprocess --runs 2000 --concurrency 200 [--store sqlite|memory] [--fidelity full|fast] --json
+    python -m perf.w6 --mode inprocess --runs 2000 --concurrency 200 --json
+        [--store sqlite|memory] [--fidelity full|fast]
 
 ``inprocess`` drives the engine in this process on the embedded stores (SQLite with synchronous=FULL and the
 local CAS in a temporary data dir, unless ``--store memory``). Hop latency is the time from the end of one

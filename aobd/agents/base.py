@@ -21,13 +21,19 @@ class AgentAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
 def parse_answer(raw: Any, *, author: str, base: str | None) -> AgentAnswer:
     """Validate a raw answer dict. A malformed answer is a retryable node error naming the problem."""
     if not isinstance(raw, dict):
-        raise NodeError(f"agent answer must be an object with 'output' and optional 'patch', got {type(raw).__name__}", code="bad_agent_answer")
+        raise NodeError(
+            f"agent answer must be an object with 'output' and optional 'patch', got {type(raw).__name__}",
+            code="bad_agent_answer",
+        )
     patch = raw.get("patch")
     proposal = None
     if patch is not None:
         if not isinstance(patch, dict) or not isinstance(patch.get("ops"), list):
             raise NodeError("agent answer 'patch' must be an object with an 'ops' list", code="bad_agent_answer")
         proposal = PatchProposal(
-            ops=patch["ops"], author=patch.get("author") or author, reason=str(patch.get("reason", "")), base=patch.get("base") or base
+            ops=patch["ops"],
+            author=patch.get("author") or author,
+            reason=str(patch.get("reason", "")),
+            base=patch.get("base") or base,
         )
     return AgentAnswer(output=raw.get("output"), patch=proposal, usage=raw.get("usage"))

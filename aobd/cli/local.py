@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,11 +65,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides={"data_dir": args.data_dir, "engine.fidelity": "fast"})
     path = Path(args.file)
     document = read_json_file(path)
-    source_dir = str(path.resolve().parent)
+    # Blocking path calls are fine here: nothing else runs on the loop before the run starts.
+    source_dir = os.path.dirname(os.path.abspath(path))  # noqa: ASYNC240
     sys.path.insert(0, source_dir)  # handlers next to the workflow file are importable as top-level modules
     load_workflow(document, handler_check=check_handler, source=str(path))
     inputs = _inputs(args.inputs)
-    async with open_engine(config, workflow_resolver=file_workflow_resolver(path.resolve().parent)) as engine:
+    async with open_engine(config, workflow_resolver=file_workflow_resolver(Path(source_dir))) as engine:
         engine.listeners.append(Timeline(sys.stderr if args.json else sys.stdout))
         run_id = await engine.start_run(document, inputs, source_dir=source_dir)
         summary = await engine.wait(run_id)

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         from aobd.cli import local
 
-        handler = {"run": local.cmd_run, "resume": local.cmd_resume, "show": local.cmd_show, "runs": local.cmd_runs}[command]
+        handler = {
+            "run": local.cmd_run,
+            "resume": local.cmd_resume,
+            "show": local.cmd_show,
+            "runs": local.cmd_runs,
+        }[command]
         return _run_async(handler(args))
     except AobdError as exc:
         if getattr(args, "json", False):

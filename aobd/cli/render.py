@@ -10,7 +10,14 @@ import orjson
 
 from aobd.store.protocols import RunInfo
 
-_STATUS_COLOR = {"completed": "32", "failed": "31", "skipped": "2", "running": "34", "waiting": "33", "cancelled": "33"}
+_STATUS_COLOR = {
+    "completed": "32",
+    "failed": "31",
+    "skipped": "2",
+    "running": "34",
+    "waiting": "33",
+    "cancelled": "33",
+}
 
 
 def _paint(status: str, color: bool) -> str:
@@ -33,7 +40,11 @@ def render_summary(summary: dict[str, Any], *, color: bool = False) -> str:
         f"  {'node':<20} {'status':<10} {'att':>3}  output",
     ]
     for node_id, node in summary["nodes"].items():
-        detail = _short(node.get("output")) if node["status"] == "completed" else (node.get("error") or {}).get("message", "")
+        detail = (
+            _short(node.get("output"))
+            if node["status"] == "completed"
+            else (node.get("error") or {}).get("message", "")
+        )
         status = _paint(f"{node['status']:<10}", color)
         lines.append(f"  {node_id:<20} {status} {node['attempts']:>3}  {detail}")
     if summary["patches"]:
@@ -41,7 +52,10 @@ def render_summary(summary: dict[str, Any], *, color: bool = False) -> str:
         lines.append("  patches")
         for patch in summary["patches"]:
             reasons = "; ".join(r.get("message", "") for r in patch["reasons"])
-            lines.append(f"  {patch['patch_id']:<28} {patch['status']:<11} {patch['author']}" + (f"  {reasons}" if reasons else ""))
+            lines.append(
+                f"  {patch['patch_id']:<28} {patch['status']:<11} {patch['author']}"
+                + (f"  {reasons}" if reasons else "")
+            )
     lines.append("")
     if summary["status"] == "completed":
         lines.append(f"outputs  {_short(summary['outputs'], 200)}")

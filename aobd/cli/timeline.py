@@ -51,12 +51,16 @@ class Timeline:
         if isinstance(e, ev.NodeFailed):
             what = e.error.get("message", e.error)
             if e.retry_at is not None:
-                return f"{c('yellow', '↻')} {e.node_id} attempt {e.attempt} failed: {what}; retrying in {(e.retry_at - e.ts) * 1000:.0f}ms"
+                delay_ms = (e.retry_at - e.ts) * 1000
+                return (
+                    f"{c('yellow', '↻')} {e.node_id} attempt {e.attempt} failed: {what}; retrying in {delay_ms:.0f}ms"
+                )
             return f"{c('red', '✗')} {e.node_id} failed: {what}"
         if isinstance(e, ev.NodeSkipped):
             return c("dim", f"⤼ {e.node_id} skipped ({e.reason})")
         if isinstance(e, ev.PatchProposed):
-            return f"{c('magenta', '✎')} patch {e.patch_id} proposed by {e.author}: {e.reason or '(no reason)'} ({len(e.ops)} ops)"
+            why = e.reason or "(no reason)"
+            return f"{c('magenta', '✎')} patch {e.patch_id} proposed by {e.author}: {why} ({len(e.ops)} ops)"
         if isinstance(e, ev.PatchApplied):
             added = f", added {', '.join(e.added_nodes)}" if e.added_nodes else ""
             return f"{c('green', '✎')} patch {e.patch_id} applied{added}; version {e.version[:19]}"

@@ -329,18 +329,27 @@ class Engine:
                 async with asyncio.timeout(job.timeout_s):
                     result = await self._run_node(job.node, job.inputs, ctx)
             except TimeoutError:
-                error = {"code": "timeout", "message": f"node {job.node_id!r} attempt {job.attempt} timed out after {job.timeout_s:g}s"}
+                error = {
+                    "code": "timeout",
+                    "message": f"node {job.node_id!r} attempt {job.attempt} timed out after {job.timeout_s:g}s",
+                }
                 await self._report_failure(slot, job, error, True, started)
                 return
             except NodeError as exc:
-                await self._report_failure(slot, job, {"code": exc.code, "message": exc.message}, exc.retryable, started)
+                await self._report_failure(
+                    slot, job, {"code": exc.code, "message": exc.message}, exc.retryable, started
+                )
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # A handler raised: a retryable error carrying the innermost frames, never a crash of the engine.
                 tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
-                error = {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb)[-2000:]}
+                error = {
+                    "code": "handler_error",
+                    "message": f"{type(exc).__name__}: {exc}",
+                    "traceback": "".join(tb)[-2000:],
+                }
                 await self._report_failure(slot, job, error, True, started)
                 return
         duration_ms = (time.perf_counter() - started) * 1000.0
@@ -350,7 +359,14 @@ class Engine:
         verdicts = await self._url_verdicts(patch) if patch is not None else _no_verdicts
         async with slot.lock:
             step = slot.machine.node_completed(
-                job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms, patch=patch, url_check=verdicts, usage=usage
+                job.node_id,
+                job.attempt,
+                result,
+                self.clock(),
+                duration_ms=duration_ms,
+                patch=patch,
+                url_check=verdicts,
+                usage=usage,
             )
             await self._commit(slot, step)
 
@@ -363,10 +379,20 @@ class Engine:
                 raise NodeError(f"no executor for node type {node.type!r}", code="no_executor", retryable=False)
         return await executor(node, inputs, ctx)
 
-    async def _report_failure(self, slot: _RunSlot, job: Dispatch, error: dict[str, Any], retryable: bool, started: float) -> None:
+    async def _report_failure(
+        self, slot: _RunSlot, job: Dispatch, error: dict[str, Any], retryable: bool, started: float
+    ) -> None:
         duration_ms = (time.perf_counter() - started) * 1000.0
         async with slot.lock:
-            step = slot.machine.node_failed(job.node_id, job.attempt, error, retryable, self.clock(), rand=self.rand(), duration_ms=duration_ms)
+            step = slot.machine.node_failed(
+                job.node_id,
+                job.attempt,
+                error,
+                retryable,
+                self.clock(),
+                rand=self.rand(),
+                duration_ms=duration_ms,
+            )
             await self._commit(slot, step)
 
     def _services(self, machine: RunMachine) -> dict[str, Any]:
@@ -404,22 +430,43 @@ class Engine:
             document = config["definition"]
         else:
             if self.workflow_resolver is None:
-                raise NodeError(f"composite {ctx.node_id!r}: no workflow registry to find {config['workflow']!r}", code="no_workflow", retryable=False)
+                raise NodeError(
+                    f"composite {ctx.node_id!r}: no workflow registry to find {config['workflow']!r}",
+                    code="no_workflow",
+                    retryable=False,
+                )
             try:
                 document = self.workflow_resolver(config["workflow"])
             except (AobdError, OSError) as exc:
-                raise NodeError(f"composite {ctx.node_id!r}: workflow {config['workflow']!r}: {exc}", code="no_workflow", retryable=False) from None
+                raise NodeError(
+                    f"composite {ctx.node_id!r}: workflow {config['workflow']!r}: {exc}",
+                    code="no_workflow",
+                    retryable=False,
+                ) from None
         child_id = f"{ctx.run_id}.{ctx.node_id}.{ctx.attempt}"
         if await self.log.last_seq(child_id) == 0:
             try:
-                await self.start_run(document, inputs, run_id=child_id, workspace=ctx.workspace, parent_run_id=ctx.run_id, parent_node_id=ctx.node_id)
+                await self.start_run(
+                    document,
+                    inputs,
+                    run_id=child_id,
+                    workspace=ctx.workspace,
+                    parent_run_id=ctx.run_id,
+                    parent_node_id=ctx.node_id,
+                )
             except WorkflowInvalid as exc:
-                raise NodeError(f"composite {ctx.node_id!r}: {exc.message}", code="workflow_invalid", retryable=False) from None
+                raise NodeError(
+                    f"composite {ctx.node_id!r}: {exc.message}", code="workflow_invalid", retryable=False
+                ) from None
         else:
             await self.resume(child_id)
         summary = await self.wait(child_id)
         if summary["status"] != "completed":
-            raise NodeError(f"child run {child_id} {summary['status']}: {summary['error']}", code="child_failed", retryable=False)
+            raise NodeError(
+                f"child run {child_id} {summary['status']}: {summary['error']}",
+                code="child_failed",
+                retryable=False,
+            )
         return summary["outputs"]
 
 

@@ -318,7 +318,12 @@ class RunMachine:
         node.wake_at = e.deadline
 
     def _on_approval_decided(self, e: ev.ApprovalDecided) -> None:
-        self.nodes[e.node_id].decision = {"decision": e.decision, "by": e.by, "reason": e.reason, "at": iso(e.ts)}
+        self.nodes[e.node_id].decision = {
+            "decision": e.decision,
+            "by": e.by,
+            "reason": e.reason,
+            "at": iso(e.ts),
+        }
 
     def _on_timer_set(self, e: ev.TimerSet) -> None:
         node = self.nodes[e.node_id]
@@ -431,7 +436,10 @@ class RunMachine:
             inputs_bytes = canonical_json(inputs)
             inputs_ref = sha256_ref(inputs_bytes)
             step.blobs[inputs_ref] = inputs_bytes
-            self._emit(step, ev.NodeStarted(**self._next(), ts=now, node_id=node_id, attempt=attempt, inputs_ref=inputs_ref))
+            self._emit(
+                step,
+                ev.NodeStarted(**self._next(), ts=now, node_id=node_id, attempt=attempt, inputs_ref=inputs_ref),
+            )
         else:
             node = self.nodes[node_id]
             node.status = "running"
@@ -482,7 +490,9 @@ class RunMachine:
             # A join without bindings receives the outputs of its taken inputs, by node id.
             state = self.router.edge_state()
             return {
-                self.ir.node_ids[self.ir.edge_sources[e]]: self.context["nodes"][self.ir.node_ids[self.ir.edge_sources[e]]]["output"]
+                self.ir.node_ids[self.ir.edge_sources[e]]: self.context["nodes"][
+                    self.ir.node_ids[self.ir.edge_sources[e]]
+                ]["output"]
                 for e in self.ir.in_edges[idx]
                 if state[e] == 1
             }
@@ -494,7 +504,10 @@ class RunMachine:
         try:
             outputs = self._run_outputs()
         except ExpressionError as exc:
-            self._emit(step, ev.RunFailed(**self._next(), ts=now, error={"code": "output_error", "message": exc.message}))
+            self._emit(
+                step,
+                ev.RunFailed(**self._next(), ts=now, error={"code": "output_error", "message": exc.message}),
+            )
             step.effects.append(Finished("failed"))
             return
         data = canonical_json(outputs)
@@ -540,7 +553,10 @@ class RunMachine:
                 step,
                 node_id,
                 attempt,
-                {"code": "output_not_json", "message": f"node {node_id!r} returned a value that is not JSON: {exc}"},
+                {
+                    "code": "output_not_json",
+                    "message": f"node {node_id!r} returned a value that is not JSON: {exc}",
+                },
                 False,
                 now,
                 duration_ms,
@@ -576,7 +592,15 @@ class RunMachine:
         return step
 
     def node_failed(
-        self, node_id: str, attempt: int, error: dict[str, Any], retryable: bool, now: float, *, rand: float = 0.5, duration_ms: float = 0.0
+        self,
+        node_id: str,
+        attempt: int,
+        error: dict[str, Any],
+        retryable: bool,
+        now: float,
+        *,
+        rand: float = 0.5,
+        duration_ms: float = 0.0,
     ) -> Step:
         """An attempt failed; retry with backoff if attempts remain, else fail the node (and maybe the run)."""
         step = Step()
@@ -590,7 +614,14 @@ class RunMachine:
             self._emit(
                 step,
                 ev.NodeFailed(
-                    **self._next(), ts=now, node_id=node_id, attempt=attempt, error=error, retryable=True, retry_at=retry_at, duration_ms=duration_ms
+                    **self._next(),
+                    ts=now,
+                    node_id=node_id,
+                    attempt=attempt,
+                    error=error,
+                    retryable=True,
+                    retry_at=retry_at,
+                    duration_ms=duration_ms,
                 ),
             )
             step.effects.append(Wake(retry_at, "retry", node_id, attempt + 1))
@@ -599,18 +630,42 @@ class RunMachine:
         return step
 
     def _fail_node(
-        self, step: Step, node_id: str, attempt: int, error: dict[str, Any], retryable: bool, now: float, duration_ms: float
+        self,
+        step: Step,
+        node_id: str,
+        attempt: int,
+        error: dict[str, Any],
+        retryable: bool,
+        now: float,
+        duration_ms: float,
     ) -> None:
         routed = self._emit(
             step,
-            ev.NodeFailed(**self._next(), ts=now, node_id=node_id, attempt=attempt, error=error, retryable=retryable, duration_ms=duration_ms),
+            ev.NodeFailed(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                attempt=attempt,
+                error=error,
+                retryable=retryable,
+                duration_ms=duration_ms,
+            ),
         )
         spec = self.ir.nodes[self.ir.index[node_id]]
         if spec.on_error == "continue":
             self._after_routing(step, routed, now)
             return
-        message = f"node {node_id!r} failed after {attempt} attempt{'s' if attempt != 1 else ''}: {error.get('message', error)}"
-        self._emit(step, ev.RunFailed(**self._next(), ts=now, error={"code": "node_failed", "message": message, "node_error": error}, node_id=node_id))
+        plural = "s" if attempt != 1 else ""
+        message = f"node {node_id!r} failed after {attempt} attempt{plural}: {error.get('message', error)}"
+        self._emit(
+            step,
+            ev.RunFailed(
+                **self._next(),
+                ts=now,
+                error={"code": "node_failed", "message": message, "node_error": error},
+                node_id=node_id,
+            ),
+        )
         step.effects.append(Finished("failed"))
 
     def wake(self, kind: str, node_id: str, attempt: int, now: float) -> Step:
@@ -637,7 +692,15 @@ class RunMachine:
         node = self.nodes[node_id]
         routed = self._emit(
             step,
-            ev.NodeCompleted(**self._next(), ts=now, node_id=node_id, attempt=node.attempts, output_ref=ref, output=output, inline=True),
+            ev.NodeCompleted(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                attempt=node.attempts,
+                output_ref=ref,
+                output=output,
+                inline=True,
+            ),
         )
         self._after_routing(step, routed, now)
 
@@ -651,11 +714,24 @@ class RunMachine:
         node = self.nodes[node_id]
         if node.decision is not None:
             first = node.decision
-            raise AobdError(f"ticket {ticket} was already decided: {first['decision']} by {first['by']} at {first['at']}")
+            raise AobdError(
+                f"ticket {ticket} was already decided: {first['decision']} by {first['by']} at {first['at']}"
+            )
         if self.status != "running":
             raise AobdError(f"run {self.run_id} is {self.status}; ticket {ticket} can no longer be decided")
         step = Step()
-        self._emit(step, ev.ApprovalDecided(**self._next(), ts=now, node_id=node_id, ticket=ticket, decision=decision, by=by, reason=reason))
+        self._emit(
+            step,
+            ev.ApprovalDecided(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                ticket=ticket,
+                decision=decision,
+                by=by,
+                reason=reason,
+            ),
+        )
         self._complete_internal(step, node_id, self.nodes[node_id].decision, now)
         return step
 
@@ -669,7 +745,12 @@ class RunMachine:
     # ------------------------------------------------------------------ patches
 
     def propose_patch(
-        self, patch: PatchProposal, now: float, *, node_id: str | None = None, url_check: UrlCheck = _no_url_check
+        self,
+        patch: PatchProposal,
+        now: float,
+        *,
+        node_id: str | None = None,
+        url_check: UrlCheck = _no_url_check,
     ) -> tuple[Step, str]:
         """A person or program proposes a patch to this run (agents propose through ``node_completed``)."""
         step = Step()
@@ -689,22 +770,36 @@ class RunMachine:
             proposer_node=proposer,
         )
 
-    def _propose(self, step: Step, patch: PatchProposal, now: float, *, node_id: str | None, url_check: UrlCheck) -> str:
+    def _propose(
+        self, step: Step, patch: PatchProposal, now: float, *, node_id: str | None, url_check: UrlCheck
+    ) -> str:
         patch_id = f"{self.run_id}.p{len(self.patches) + 1}"
         self._emit(
             step,
             ev.PatchProposed(
-                **self._next(), ts=now, patch_id=patch_id, author=patch.author, ops=list(patch.ops), reason=patch.reason, base=patch.base, node_id=node_id
+                **self._next(),
+                ts=now,
+                patch_id=patch_id,
+                author=patch.author,
+                ops=list(patch.ops),
+                reason=patch.reason,
+                base=patch.base,
+                node_id=node_id,
             ),
         )
         judgement = judge_patch(self.doc, patch.ops, self._facts(node_id), url_check=url_check)
         self._last_patch_routing = self._record_judgement(step, patch_id, judgement, now, by=None)
         return patch_id
 
-    def _record_judgement(self, step: Step, patch_id: str, judgement: Judgement, now: float, by: str | None) -> tuple[list[int], list[int]]:
+    def _record_judgement(
+        self, step: Step, patch_id: str, judgement: Judgement, now: float, by: str | None
+    ) -> tuple[list[int], list[int]]:
         if not judgement.accepted:
             reasons = [msgspec.to_builtins(r) for r in judgement.reasons]
-            self._emit(step, ev.PatchRejected(**self._next(), ts=now, patch_id=patch_id, reasons=reasons, rejected_by=by))
+            self._emit(
+                step,
+                ev.PatchRejected(**self._next(), ts=now, patch_id=patch_id, reasons=reasons, rejected_by=by),
+            )
             return [], []
         if judgement.needs_approval:
             return [], []  # held as pending until a person decides (decide_patch)
@@ -715,21 +810,35 @@ class RunMachine:
         return self._emit(
             step,
             ev.PatchApplied(
-                **self._next(), ts=now, patch_id=patch_id, version=version, version_ref=version, added_nodes=judgement.added_nodes, approved_by=by
+                **self._next(),
+                ts=now,
+                patch_id=patch_id,
+                version=version,
+                version_ref=version,
+                added_nodes=judgement.added_nodes,
+                approved_by=by,
             ),
         )
 
-    def decide_patch(self, patch_id: str, approve: bool, by: str, now: float, *, url_check: UrlCheck = _no_url_check) -> Step:
+    def decide_patch(
+        self, patch_id: str, approve: bool, by: str, now: float, *, url_check: UrlCheck = _no_url_check
+    ) -> Step:
         """Approve or reject a pending patch. An approved patch is judged again against the current document."""
         record = self.patches.get(patch_id)
         if record is None:
             raise NotFound(f"run {self.run_id} has no patch {patch_id!r}")
         if record.status != "pending":
-            raise AobdError(f"patch {patch_id} is {record.status}{' by ' + record.decided_by if record.decided_by else ''}; only pending patches can be decided")
+            raise AobdError(
+                f"patch {patch_id} is {record.status}{' by ' + record.decided_by if record.decided_by else ''}; "
+                "only pending patches can be decided"
+            )
         step = Step()
         if not approve:
             reasons = [{"code": "rejected_by_reviewer", "message": f"rejected by {by}", "rule": 7}]
-            self._emit(step, ev.PatchRejected(**self._next(), ts=now, patch_id=patch_id, reasons=reasons, rejected_by=by))
+            self._emit(
+                step,
+                ev.PatchRejected(**self._next(), ts=now, patch_id=patch_id, reasons=reasons, rejected_by=by),
+            )
             return step
         judgement = judge_patch(self.doc, record.ops, self._facts(record.node_id), url_check=url_check, approved=True)
         routed = self._record_judgement(step, patch_id, judgement, now, by)
@@ -745,18 +854,25 @@ class RunMachine:
             raise AobdError(f"patch {patch_id} is {record.status}; only applied patches can be rolled back")
         started = [nid for nid in record.added_nodes if nid in self.nodes and self.nodes[nid].status != "pending"]
         if started:
-            raise AobdError(f"patch {patch_id} cannot be rolled back: node(s) {', '.join(started)} it added already started")
+            raise AobdError(
+                f"patch {patch_id} cannot be rolled back: node(s) {', '.join(started)} it added already started"
+            )
         remaining = [p.ops for p in self.patches.values() if p.status == "applied" and p.patch_id != patch_id]
         try:
             doc = materialize(self.base_doc, remaining)
             load_workflow(doc)
         except AobdError as exc:
-            raise AobdError(f"patch {patch_id} cannot be rolled back: later patches depend on it ({exc.message})") from None
+            raise AobdError(
+                f"patch {patch_id} cannot be rolled back: later patches depend on it ({exc.message})"
+            ) from None
         step = Step()
         data = canonical_json(doc)
         version = version_of(doc)
         step.blobs[version] = data
-        routed = self._emit(step, ev.PatchRolledBack(**self._next(), ts=now, patch_id=patch_id, version=version, version_ref=version, by=by))
+        routed = self._emit(
+            step,
+            ev.PatchRolledBack(**self._next(), ts=now, patch_id=patch_id, version=version, version_ref=version, by=by),
+        )
         self._after_routing(step, routed, now)
         return step
 
@@ -784,7 +900,9 @@ class RunMachine:
         # Nodes the router holds READY but that never got an attempt (fast-path mode, or a crash between a
         # routing decision and its scheduling) are started now.
         statuses = self.router.statuses()
-        ready = [i for i, s in enumerate(statuses) if s == READY and self.nodes[self.ir.node_ids[i]].status == "pending"]
+        ready = [
+            i for i, s in enumerate(statuses) if s == READY and self.nodes[self.ir.node_ids[i]].status == "pending"
+        ]
         self._schedule(step, ready, now)
         self._maybe_finish(step, now)
         return step

@@ -171,10 +171,14 @@ def _check_past(
     for nid in sorted(past):
         if nid not in new_nodes:
             status = facts.node_status[nid]
-            reasons.append(PatchReason("past_removed", f"node {nid!r} is {status} and cannot be removed", 4, None, None, nid))
+            reasons.append(
+                PatchReason("past_removed", f"node {nid!r} is {status} and cannot be removed", 4, None, None, nid)
+            )
         elif new_nodes[nid] != old_nodes[nid]:
             status = facts.node_status[nid]
-            reasons.append(PatchReason("past_changed", f"node {nid!r} is {status} and cannot be changed", 4, None, None, nid))
+            reasons.append(
+                PatchReason("past_changed", f"node {nid!r} is {status} and cannot be changed", 4, None, None, nid)
+            )
     old_edges, new_edges = _edge_set(old_doc), _edge_set(new_doc)
     old_when = {(e["from"], e["to"]): e.get("when") for e in _edges(old_doc)}
     for edge in sorted(new_edges ^ old_edges):
@@ -194,7 +198,14 @@ def _check_past(
         key = (e["from"], e["to"])
         if key in old_edges and key[1] in past and e.get("when") != old_when.get(key):
             reasons.append(
-                PatchReason("past_edge", f"the condition of edge {key[0]} -> {key[1]} cannot change", 4, None, None, key[1])
+                PatchReason(
+                    "past_edge",
+                    f"the condition of edge {key[0]} -> {key[1]} cannot change",
+                    4,
+                    None,
+                    None,
+                    key[1],
+                )
             )
     return reasons
 
@@ -207,7 +218,11 @@ def _check_limits(
     reasons = []
     if count_limits and facts.applied_patches + 1 > policy.max_patches:
         reasons.append(
-            PatchReason("too_many_patches", f"this run already has {facts.applied_patches} patches (max_patches={policy.max_patches})", 5)
+            PatchReason(
+                "too_many_patches",
+                f"this run already has {facts.applied_patches} patches (max_patches={policy.max_patches})",
+                5,
+            )
         )
     if count_limits and facts.spawned_nodes + len(added) > policy.max_spawned_nodes:
         reasons.append(
@@ -238,7 +253,8 @@ def _check_limits(
             reasons.append(
                 PatchReason(
                     "agent_depth",
-                    f"agent {nid!r} would nest at depth {proposer_depth + 1} (max_agent_depth={policy.max_agent_depth})",
+                    f"agent {nid!r} would nest at depth {proposer_depth + 1} "
+                    f"(max_agent_depth={policy.max_agent_depth})",
                     5,
                     None,
                     None,

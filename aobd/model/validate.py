@@ -127,7 +127,7 @@ def validate_document(raw: Any, *, handler_check: HandlerCheck | None = None) ->
 def _check_nodes(nodes_raw: list[Any], nodes: list[Node], handler_check: HandlerCheck | None) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    pointer_of = {}
+    pointer_of: dict[str, str] = {}
     for i, item in enumerate(nodes_raw):
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             pointer_of.setdefault(item["id"], f"/nodes/{i}")
@@ -135,10 +135,16 @@ def _check_nodes(nodes_raw: list[Any], nodes: list[Node], handler_check: Handler
         pointer = pointer_of.get(node.id, f"/nodes/{i}")
         if not NODE_ID_RE.match(node.id):
             problems.append(
-                Problem("bad_node_id", f"node id {node.id!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}", pointer + "/id")
+                Problem(
+                    "bad_node_id",
+                    f"node id {node.id!r} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}",
+                    pointer + "/id",
+                )
             )
         if node.id in seen:
-            problems.append(Problem("duplicate_node_id", f"node id {node.id!r} is used twice", pointer + "/id", node.id))
+            problems.append(
+                Problem("duplicate_node_id", f"node id {node.id!r} is used twice", pointer + "/id", node.id)
+            )
         seen[node.id] = i
         for name, source in node.in_.items():
             problems.extend(_check_expr(source, f"{pointer}/in/{name}", node.id))
@@ -171,28 +177,61 @@ def _check_config(node: Node, pointer: str, handler_check: HandlerCheck | None) 
         if handler.startswith("builtin:"):
             if handler.removeprefix("builtin:") not in _BUILTINS:
                 problems.append(
-                    Problem("bad_handler", f"unknown builtin {handler!r}; builtins: {', '.join(_BUILTINS)}", cp + "/handler", node.id)
+                    Problem(
+                        "bad_handler",
+                        f"unknown builtin {handler!r}; builtins: {', '.join(_BUILTINS)}",
+                        cp + "/handler",
+                        node.id,
+                    )
                 )
         elif not _HANDLER_RE.match(handler):
-            problems.append(Problem("bad_handler", f"handler {handler!r} must be 'module:attr'", cp + "/handler", node.id))
+            problems.append(
+                Problem("bad_handler", f"handler {handler!r} must be 'module:attr'", cp + "/handler", node.id)
+            )
         elif handler_check is not None and (why := handler_check(handler)) is not None:
             problems.append(Problem("bad_handler", why, cp + "/handler", node.id))
     elif node.type == "map":
         problems.extend(_check_expr(node.config["over"], cp + "/over", node.id))
         template = node.config["node"]
-        if template.get("type") not in NODE_TYPES or template.get("type") in ("map", "approval", "timer", "composite"):
+        if template.get("type") not in NODE_TYPES or template.get("type") in (
+            "map",
+            "approval",
+            "timer",
+            "composite",
+        ):
             problems.append(
-                Problem("bad_config", "map.node.type must be function, http, agent or join", cp + "/node/type", node.id)
+                Problem(
+                    "bad_config",
+                    "map.node.type must be function, http, agent or join",
+                    cp + "/node/type",
+                    node.id,
+                )
             )
     elif node.type == "agent":
         if node.config.get("provider", "scripted") == "scripted" and node.config.get("runner") != "external":
             if not node.config.get("script"):
-                problems.append(Problem("bad_config", "a scripted agent needs a non-empty config.script", cp + "/script", node.id))
+                problems.append(
+                    Problem(
+                        "bad_config",
+                        "a scripted agent needs a non-empty config.script",
+                        cp + "/script",
+                        node.id,
+                    )
+                )
         elif node.config.get("provider") == "openai" and not (node.config.get("base_url") and node.config.get("model")):
-            problems.append(Problem("bad_config", "an openai agent needs config.base_url and config.model", cp, node.id))
+            problems.append(
+                Problem("bad_config", "an openai agent needs config.base_url and config.model", cp, node.id)
+            )
     elif node.type == "composite":
         if bool(node.config.get("workflow")) == bool(node.config.get("definition")):
-            problems.append(Problem("bad_config", "composite needs exactly one of config.workflow or config.definition", cp, node.id))
+            problems.append(
+                Problem(
+                    "bad_config",
+                    "composite needs exactly one of config.workflow or config.definition",
+                    cp,
+                    node.id,
+                )
+            )
     elif node.type in ("timer", "approval"):
         for key in ("delay", "timeout"):
             value = node.config.get(key)
@@ -202,7 +241,9 @@ def _check_config(node: Node, pointer: str, handler_check: HandlerCheck | None) 
                 except ValueError as exc:
                     problems.append(Problem("bad_duration", str(exc), f"{cp}/{key}", node.id))
         if node.type == "timer" and bool(node.config.get("delay")) == bool(node.config.get("until")):
-            problems.append(Problem("bad_config", "timer needs exactly one of config.delay or config.until", cp, node.id))
+            problems.append(
+                Problem("bad_config", "timer needs exactly one of config.delay or config.until", cp, node.id)
+            )
     del config
     return problems
 
@@ -213,14 +254,21 @@ def _check_edges(edges_raw: list[Any], nodes: list[Node], edges: list[Edge]) -> 
     seen: set[tuple[str, str]] = set()
     j = 0
     for i, item in enumerate(edges_raw):
-        if j >= len(edges) or not isinstance(item, dict) or item.get("from") != edges[j].from_ or item.get("to") != edges[j].to:
+        if (
+            j >= len(edges)
+            or not isinstance(item, dict)
+            or item.get("from") != edges[j].from_
+            or item.get("to") != edges[j].to
+        ):
             continue  # this raw edge failed to decode; already reported
         edge = edges[j]
         j += 1
         pointer = f"/edges/{i}"
         for end, node_id in (("from", edge.from_), ("to", edge.to)):
             if node_id not in ids:
-                problems.append(Problem("unknown_node", f"edge {end} {node_id!r}: no such node", f"{pointer}/{end}", node_id))
+                problems.append(
+                    Problem("unknown_node", f"edge {end} {node_id!r}: no such node", f"{pointer}/{end}", node_id)
+                )
         if edge.from_ == edge.to:
             problems.append(Problem("self_loop", f"edge from {edge.from_!r} to itself", pointer, edge.from_))
         if (edge.from_, edge.to) in seen:
@@ -241,11 +289,24 @@ def _check_references(nodes: list[Node], edges: list[Edge], ids: set[str]) -> li
     for node in nodes:
         for name, source in node.in_.items():
             for ref in sorted(referenced_nodes(source) - ids):
-                problems.append(Problem("unknown_reference", f"'in.{name}' reads node {ref!r}, which does not exist", "", node.id))
+                problems.append(
+                    Problem(
+                        "unknown_reference",
+                        f"'in.{name}' reads node {ref!r}, which does not exist",
+                        "",
+                        node.id,
+                    )
+                )
     for edge in edges:
         if edge.when:
             for ref in sorted(referenced_nodes(edge.when) - ids):
-                problems.append(Problem("unknown_reference", f"edge {edge.from_} -> {edge.to} condition reads unknown node {ref!r}", "/edges"))
+                problems.append(
+                    Problem(
+                        "unknown_reference",
+                        f"edge {edge.from_} -> {edge.to} condition reads unknown node {ref!r}",
+                        "/edges",
+                    )
+                )
     return problems
 
 
@@ -254,7 +315,9 @@ def _check_outputs(outputs: dict[str, str] | None, ids: set[str]) -> list[Proble
     for name, source in (outputs or {}).items():
         problems.extend(_check_expr(source, f"/outputs/{name}", None))
         for ref in sorted(referenced_nodes(source) - ids):
-            problems.append(Problem("unknown_reference", f"output {name!r} reads unknown node {ref!r}", f"/outputs/{name}"))
+            problems.append(
+                Problem("unknown_reference", f"output {name!r} reads unknown node {ref!r}", f"/outputs/{name}")
+            )
     return problems
 
 

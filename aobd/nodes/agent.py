@@ -17,7 +17,9 @@ async def execute_agent(node: Node, inputs: dict[str, Any], ctx: NodeContext) ->
     author = f"agent:{ctx.node_id}"
     base = ctx.services.get("version")
     if node.config.get("runner") == "external":
-        raise NodeError("external agent runners need the daemon (aobd serve)", code="no_external_runner", retryable=False)
+        raise NodeError(
+            "external agent runners need the daemon (aobd serve)", code="no_external_runner", retryable=False
+        )
     if provider == "scripted":
         return scripted_answer(node.config, ctx.attempt, author=author, base=base)
     raise NodeError(f"agent provider {provider!r} is not available in this build", code="no_provider", retryable=False)

@@ -24,7 +24,7 @@ from .base import NodeContext
 class HandlerRef:
     """A resolved handler with its calling convention worked out once."""
 
-    __slots__ = ("func", "is_async", "takes_ctx", "ref")
+    __slots__ = ("func", "is_async", "ref", "takes_ctx")
 
     def __init__(self, ref: str, func: Callable[..., Any]) -> None:
         self.ref = ref
@@ -50,13 +50,21 @@ def resolve_handler(ref: str) -> HandlerRef:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise NodeError(f"handler {ref!r}: cannot import module {module_name!r}: {exc}", code="bad_handler", retryable=False) from None
+        raise NodeError(
+            f"handler {ref!r}: cannot import module {module_name!r}: {exc}",
+            code="bad_handler",
+            retryable=False,
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise NodeError(f"handler {ref!r}: module {module_name!r} has no attribute {attr!r}", code="bad_handler", retryable=False) from None
+            raise NodeError(
+                f"handler {ref!r}: module {module_name!r} has no attribute {attr!r}",
+                code="bad_handler",
+                retryable=False,
+            ) from None
     if not callable(obj):
         raise NodeError(f"handler {ref!r} is not callable", code="bad_handler", retryable=False)
     return HandlerRef(ref, obj)
@@ -84,7 +92,11 @@ async def _builtin(name: str, config: Mapping[str, Any], inputs: dict[str, Any],
     if name == "fail":
         times = int(config.get("times", 1))
         if ctx.attempt <= times:
-            raise NodeError(f"builtin:fail failing attempt {ctx.attempt} of {times}", code="deliberate_failure", retryable=True)
+            raise NodeError(
+                f"builtin:fail failing attempt {ctx.attempt} of {times}",
+                code="deliberate_failure",
+                retryable=True,
+            )
         return inputs
     raise NodeError(f"unknown builtin {name!r}", code="bad_handler", retryable=False)
 

@@ -23,9 +23,15 @@ from .base import NodeContext
 async def execute_map(node: Node, inputs: dict[str, Any], ctx: NodeContext) -> list[Any]:
     items = inputs.get("items")
     if not isinstance(items, list):
-        raise NodeError(f"map {ctx.node_id!r}: config.over must give a list, got {type(items).__name__}", code="bad_map_items", retryable=False)
+        raise NodeError(
+            f"map {ctx.node_id!r}: config.over must give a list, got {type(items).__name__}",
+            code="bad_map_items",
+            retryable=False,
+        )
     template = node.config["node"]
-    child = msgspec.convert({"id": f"{ctx.node_id}_item", "type": template["type"], "config": template.get("config", {})}, Node)
+    child = msgspec.convert(
+        {"id": f"{ctx.node_id}_item", "type": template["type"], "config": template.get("config", {})}, Node
+    )
     run_one = ctx.services["execute"]
     limit = asyncio.Semaphore(max(1, int(node.config.get("concurrency", 8))))
     shared = {k: v for k, v in inputs.items() if k != "items"}

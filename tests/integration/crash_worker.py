@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from aobd.config import load_config
 from aobd.cli.local import open_engine
+from aobd.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,15 +25,24 @@ def slow_w6() -> dict:
         "defaults": {"retry": {"max_attempts": 3, "initial_ms": 100, "max_ms": 200}},
         "nodes": [
             node("s1", 150),
-            {"id": "s2", "type": "function", "config": {"handler": "builtin:fail", "times": 1}, "in": {"x": "inputs.x"}},
+            {
+                "id": "s2",
+                "type": "function",
+                "config": {"handler": "builtin:fail", "times": 1},
+                "in": {"x": "inputs.x"},
+            },
             node("s3", 200),
             node("b1", 150),
             node("b2", 250),
             {"id": "j", "type": "join"},
         ],
         "edges": [
-            {"from": "s1", "to": "s2"}, {"from": "s2", "to": "s3"}, {"from": "s3", "to": "b1"},
-            {"from": "s3", "to": "b2"}, {"from": "b1", "to": "j"}, {"from": "b2", "to": "j"},
+            {"from": "s1", "to": "s2"},
+            {"from": "s2", "to": "s3"},
+            {"from": "s3", "to": "b1"},
+            {"from": "s3", "to": "b2"},
+            {"from": "b1", "to": "j"},
+            {"from": "b2", "to": "j"},
         ],
     }
 

@@ -59,17 +59,28 @@ async def _unfinished(data: str) -> int:
 def test_sigkill_at_random_moments_then_resume_finishes_every_run_exactly_once(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("AOBD_CRASH_SEED", "7")))
     data = str(tmp_path / "data")
-    _kill_after([sys.executable, "-m", "tests.integration.crash_worker", data, str(RUNS)], rng.uniform(0.05, 0.3), wait_for="started")
+    _kill_after(
+        [sys.executable, "-m", "tests.integration.crash_worker", data, str(RUNS)],
+        rng.uniform(0.05, 0.3),
+        wait_for="started",
+    )
     unfinished = [asyncio.run(_unfinished(data))]
     for _ in range(3):
-        _kill_after([sys.executable, "-m", "aobd.cli.main", "resume", "--data-dir", data, "--json"], rng.uniform(0.5, 0.9))
+        _kill_after(
+            [sys.executable, "-m", "aobd.cli.main", "resume", "--data-dir", data, "--json"],
+            rng.uniform(0.5, 0.9),
+        )
         unfinished.append(asyncio.run(_unfinished(data)))
     # The kills landed mid-work: runs were unfinished after the first kill and after at least one resume kill.
     assert unfinished[0] > 0 and max(unfinished[1:]) > 0, unfinished
 
     final = subprocess.run(
         [sys.executable, "-m", "aobd.cli.main", "resume", "--data-dir", data, "--json"],
-        capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+        cwd=ROOT,
     )
     assert final.returncode == 0, final.stderr[-2000:]
 

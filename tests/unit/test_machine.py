@@ -35,7 +35,7 @@ def roundtrip(events: list[ev.Event]) -> list[ev.Event]:
 
 
 def test_start_records_run_created_and_dispatches_sources() -> None:
-    machine, step = RunMachine.start("run1", DIAMOND, {"take_c": True}, 100.0)
+    _, step = RunMachine.start("run1", DIAMOND, {"take_c": True}, 100.0)
     assert ev.event_type(step.events[0]) == "RunCreated"
     assert dispatches(step) == ["a"]
     # Base document and inputs go to the CAS with the first step.
@@ -47,7 +47,7 @@ def test_start_records_run_created_and_dispatches_sources() -> None:
 def test_duplicate_and_stale_completions_are_dropped() -> None:
     machine, _ = start()
     first = machine.node_completed("a", 1, {"v": 1}, 101.0)
-    assert [ev.event_type(e) for e in first.events][0] == "NodeCompleted"
+    assert ev.event_type(first.events[0]) == "NodeCompleted"
     again = machine.node_completed("a", 1, {"v": 2}, 102.0)
     assert again.events == [] and again.effects == []
     stale = machine.node_completed("b", 7, None, 102.0)
@@ -67,7 +67,9 @@ def test_fold_of_recorded_events_rebuilds_identical_state() -> None:
 
 
 def test_recover_redispatches_running_attempts_and_rearms_retries() -> None:
-    doc = workflow([{**fn("a"), "retry": {"max_attempts": 3, "initial_ms": 1000, "max_ms": 1000, "jitter": 0}}, fn("b")])
+    doc = workflow(
+        [{**fn("a"), "retry": {"max_attempts": 3, "initial_ms": 1000, "max_ms": 1000, "jitter": 0}}, fn("b")]
+    )
     machine, log = start(doc, {})
     log += machine.node_failed("a", 1, {"code": "x", "message": "x"}, True, 101.0).events
     rebuilt = RunMachine.from_events(roundtrip(log), doc)
@@ -111,7 +113,10 @@ def test_backoff_grows_exponentially_capped_with_bounded_jitter() -> None:
 def test_patch_from_agent_adds_edge_from_itself_and_the_new_node_runs_next() -> None:
     doc = workflow([{"id": "ag", "type": "agent", "config": {"provider": "scripted", "script": [{"output": 1}]}}])
     machine, _ = start(doc, {})
-    ops = [{"op": "add", "path": "/nodes/-", "value": fn("new")}, {"op": "add", "path": "/edges/-", "value": edge("ag", "new")}]
+    ops = [
+        {"op": "add", "path": "/nodes/-", "value": fn("new")},
+        {"op": "add", "path": "/edges/-", "value": edge("ag", "new")},
+    ]
     step = machine.node_completed("ag", 1, {"r": 1}, 101.0, patch=PatchProposal(ops=ops, author="agent:ag"))
     kinds = [ev.event_type(e) for e in step.events]
     assert kinds[:3] == ["PatchProposed", "PatchApplied", "NodeCompleted"]
@@ -138,7 +143,7 @@ def test_rejected_patch_leaves_the_run_unchanged() -> None:
 
 
 def test_events_round_trip_through_msgspec() -> None:
-    machine, log = start()
+    _, log = start()
     for e in log:
         assert ev.decode_event(ev.encode_event(e)) == e
         assert msgspec.to_builtins(e)["type"] == ev.event_type(e)

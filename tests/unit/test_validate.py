@@ -29,7 +29,13 @@ def test_examples_are_valid(example: str) -> None:
 
 def test_every_problem_is_reported_with_where() -> None:
     doc = workflow(
-        [fn("a"), fn("a"), {"id": "h", "type": "http", "config": {"url": 7}}, {"id": "x", "type": "teleport"}, fn("b", "nope")],
+        [
+            fn("a"),
+            fn("a"),
+            {"id": "h", "type": "http", "config": {"url": 7}},
+            {"id": "x", "type": "teleport"},
+            fn("b", "nope"),
+        ],
         [edge("a", "missing"), edge("b", "b")],
     )
     found = codes(doc)
@@ -42,7 +48,9 @@ def test_every_problem_is_reported_with_where() -> None:
 
 
 def test_cycle_is_named() -> None:
-    _, problems = validate_document(workflow([fn("a"), fn("b"), fn("c")], [edge("a", "b"), edge("b", "c"), edge("c", "a")]))
+    _, problems = validate_document(
+        workflow([fn("a"), fn("b"), fn("c")], [edge("a", "b"), edge("b", "c"), edge("c", "a")])
+    )
     cycle = [p for p in problems if p.code == "cycle"]
     assert len(cycle) == 1 and "a -> b -> c -> a" in cycle[0].message
 
@@ -84,11 +92,19 @@ def test_not_an_object_and_unknown_top_level_keys() -> None:
 def test_cli_validate_exits_1_and_names_every_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(workflow([fn("a"), fn("a")], [edge("a", "zz")])))
-    result = subprocess.run([sys.executable, "-m", "aobd.cli.main", "validate", str(bad)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "aobd.cli.main", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "/nodes/0/id" in result.stderr and "duplicate_node_id" in result.stderr and "/edges/0/to" in result.stderr
     good = subprocess.run(
-        [sys.executable, "-m", "aobd.cli.main", "validate", str(EXAMPLES / "w6" / "workflow.json")], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "aobd.cli.main", "validate", str(EXAMPLES / "w6" / "workflow.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert good.returncode == 0, good.stderr
 
