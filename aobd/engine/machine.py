@@ -394,6 +394,9 @@ class RunMachine:
 
     # ------------------------------------------------------------------ emitting
 
+    def _type_of(self, node_id: str) -> str:
+        return self.ir.nodes[self.ir.index[node_id]].type
+
     def _emit(self, step: Step, event: ev.Event) -> tuple[list[int], list[int]]:
         self.apply(event)
         step.events.append(event)
@@ -577,6 +580,7 @@ class RunMachine:
                 **self._next(),
                 ts=now,
                 node_id=node_id,
+                node_type=self._type_of(node_id),
                 attempt=attempt,
                 output_ref=ref,
                 output=output if inline else None,
@@ -617,6 +621,7 @@ class RunMachine:
                     **self._next(),
                     ts=now,
                     node_id=node_id,
+                    node_type=self._type_of(node_id),
                     attempt=attempt,
                     error=error,
                     retryable=True,
@@ -645,6 +650,7 @@ class RunMachine:
                 **self._next(),
                 ts=now,
                 node_id=node_id,
+                node_type=self._type_of(node_id),
                 attempt=attempt,
                 error=error,
                 retryable=retryable,
@@ -696,6 +702,7 @@ class RunMachine:
                 **self._next(),
                 ts=now,
                 node_id=node_id,
+                node_type=self._type_of(node_id),
                 attempt=node.attempts,
                 output_ref=ref,
                 output=output,

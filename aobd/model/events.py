@@ -54,6 +54,7 @@ class NodeStarted(Event, tag="NodeStarted"):
 class NodeCompleted(Event, tag="NodeCompleted"):
     node_id: str
     attempt: int
+    node_type: str = ""
     output_ref: str
     #: The output itself when small (see ``INLINE_OUTPUT_MAX``).
     output: Any = None
@@ -67,6 +68,7 @@ class NodeCompleted(Event, tag="NodeCompleted"):
 class NodeFailed(Event, tag="NodeFailed"):
     node_id: str
     attempt: int
+    node_type: str = ""
     error: dict[str, Any]
     retryable: bool
     #: When another attempt is due (unix seconds); None when this was the last attempt.
