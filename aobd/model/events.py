@@ -54,8 +54,8 @@ class NodeStarted(Event, tag="NodeStarted"):
 class NodeCompleted(Event, tag="NodeCompleted"):
     node_id: str
     attempt: int
-    node_type: str = ""
     output_ref: str
+    node_type: str = ""
     #: The output itself when small (see ``INLINE_OUTPUT_MAX``).
     output: Any = None
     inline: bool = False
@@ -68,9 +68,9 @@ class NodeCompleted(Event, tag="NodeCompleted"):
 class NodeFailed(Event, tag="NodeFailed"):
     node_id: str
     attempt: int
-    node_type: str = ""
     error: dict[str, Any]
     retryable: bool
+    node_type: str = ""
     #: When another attempt is due (unix seconds); None when this was the last attempt.
     retry_at: float | None = None
     duration_ms: float = 0.0
