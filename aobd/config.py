@@ -21,6 +21,17 @@ from aobd.errors import ConfigError
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: host:port of the HTTP API (env AOBD_API_LISTEN).
     listen: str = "127.0.0.1:7070"
+    #: Request bodies larger than this are refused with 413 before they are read whole.
+    max_body_bytes: int = 1_048_576
+    #: Serve /metrics without a token (for a Prometheus on a trusted network).
+    metrics_public: bool = False
+    #: TLS: certificate and key files (PEM); when set, the API speaks HTTPS with ALPN h2/http1.1.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: Seconds between SSE/WebSocket heartbeats on idle streams.
+    heartbeat_s: float = 15.0
+    #: Events buffered per stream subscriber before a slow one is disconnected.
+    stream_buffer: int = 1024
 
 
 class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -31,6 +42,35 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class SecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Outbound HTTP targets allowed despite the SSRF guard: "host:port", "host" or CIDR (env AOBD_HTTP_ALLOW).
     http_allow: list[str] = msgspec.field(default_factory=list)
+
+
+class TokenConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: The bearer secret. Never logged; `aobctl config show` masks it.
+    token: str
+    workspace: str = "default"
+    role: Literal["read", "write", "admin"] = "read"
+    #: Who this token is, recorded as the author of patches and decisions (defaults to "token:<workspace>").
+    name: str = ""
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tokens: list[TokenConfig] = msgspec.field(default_factory=list)
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Per-workspace token buckets (requests per second, burst); 0 disables a limit.
+    run_starts_per_s: float = 200.0
+    run_starts_burst: int = 400
+    patches_per_s: float = 20.0
+    patches_burst: int = 40
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: On SIGTERM, how long in-flight node attempts may run before the daemon exits anyway.
+    drain_grace_s: float = 20.0
+    #: "json" (one object per line, for journald and log shippers) or "console".
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
 
 
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -47,6 +87,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
 
     @property
     def data_path(self) -> Path:
@@ -64,7 +107,17 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_ADMIN_SOCKET": ("admin.socket", str),
     "AOBD_HTTP_ALLOW": ("security.http_allow", lambda v: [x.strip() for x in v.split(",") if x.strip()]),
     "AOBD_FIDELITY": ("engine.fidelity", str),
+    "AOBD_LOG_FORMAT": ("daemon.log_format", str),
+    "AOBD_LOG_LEVEL": ("daemon.log_level", str),
 }
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration with secrets replaced, for `aobctl config show` and logs."""
+    tree: dict[str, Any] = msgspec.to_builtins(config)
+    for token in tree.get("auth", {}).get("tokens", []):
+        token["token"] = "***"
+    return tree
 
 
 def load_config(

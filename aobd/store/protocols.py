@@ -55,9 +55,7 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 class EventLog(Protocol):
     """Append-only, per-run ordered event log with an optimistic concurrency guard."""
 
-    async def append(
-        self, run_id: str, records: Sequence[EventRecord], *, index: RunIndex | None = None
-    ) -> None:
+    async def append(self, run_id: str, records: Sequence[EventRecord], *, index: RunIndex | None = None) -> None:
         """Append ``records`` (consecutive seqs) atomically.
 
         Raises:

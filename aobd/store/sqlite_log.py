@@ -1,0 +1,568 @@
+"""The embedded event log: SQLite in WAL mode with ``synchronous=FULL`` and group commit.
+
+Durability is paid per transaction (one WAL fsync), not per append, so every append from every coroutine goes
+to one writer thread that commits whatever queued up during the previous commit as one transaction: under load
+hundreds of appends share an fsync, while a lone append still commits immediately. The expected-seq check runs
+inside that transaction against the run index (``runs.last_seq``), which makes it correct even when several
+processes append to the same file; a conflicting append is skipped without disturbing the rest of its group.
+
+Reads use per-thread read connections (WAL lets them run while the writer commits); short ones run inline on
+the event loop, long ones in a thread (see ``DIRECT_READ_LIMIT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from aobd.errors import ConflictError, StoreError
+from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, validate_append
+from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
+
+_T = TypeVar("_T")
+
+#: ``PRAGMA user_version`` of the schema this module writes; ``_MIGRATIONS[v]`` upgrades v to v + 1.
+SCHEMA_VERSION: Final = 1
+
+# The partial index and the query must spell the condition identically for the planner to use the index. If
+# TERMINAL_STATUSES ever changes, old databases keep a stale index: results stay right, only slower until a
+# migration rebuilds it.
+_UNFINISHED = "status NOT IN ({})".format(", ".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES)))
+
+_MIGRATIONS: Final[list[list[str]]] = [
+    [
+        # Not clustered on (run_id, seq) (WITHOUT ROWID): a group appends to hundreds of runs, and clustering
+        # dirties one ~4 KiB leaf per run, while rows in arrival order fill a few pages and only the small
+        # (run_id, seq) index scatters. Measured with 256 runs per group: 8.6 us per append against 19.5 us,
+        # for 30% slower full-history reads (71 against 55 us for 120 events) and equal tail reads. ``id`` is
+        # also the global append order, a ready cursor for tailing every run.
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            ts REAL NOT NULL,
+            data BLOB NOT NULL,
+            UNIQUE (run_id, seq)
+        )""",
+        # A rowid table on purpose: the rowid is the creation order that breaks ties between equal created_at.
+        """CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            last_seq INTEGER NOT NULL,
+            parent_run_id TEXT,
+            workspace TEXT NOT NULL
+        )""",
+        "CREATE INDEX runs_by_created ON runs (created_at)",
+        "CREATE INDEX runs_by_status ON runs (status, created_at)",
+        # Only unfinished runs are in it, so resume stays O(unfinished) however many runs have completed.
+        f"CREATE INDEX runs_unfinished ON runs (created_at) WHERE {_UNFINISHED}",
+    ],
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_SELECT_LAST = "SELECT last_seq FROM runs WHERE run_id = ?"
+_INSERT_EVENT = "INSERT INTO events (run_id, seq, type, ts, data) VALUES (?, ?, ?, ?, ?)"
+# The expected-seq check is the run index write itself: a first append inserts the run only if it is absent,
+# a later one updates it only if last_seq is still the one it expects. One statement per append; a changed row
+# count means a conflict.
+_INSERT_NEW_RUN = (
+    "INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING"
+)
+_ADVANCE_RUN = (
+    "UPDATE runs SET last_seq = ?, updated_at = ?, workflow = coalesce(?, workflow),"
+    " status = coalesce(?, status), parent_run_id = coalesce(?, parent_run_id),"
+    " workspace = coalesce(?, workspace) WHERE run_id = ? AND last_seq = ?"
+)
+_RUN_COLUMNS = "run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace"
+_SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?"
+_READ = "SELECT seq, type, ts, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+
+#: Reads of at most this many events run on the event loop. Measured from the page cache: a point lookup costs
+#: ~3 µs, a read ~4 µs plus 0.6 µs per event (80 µs for 128), and a hop to a reader thread ~35 µs more. So
+#: point lookups, tail reads and pages stay inline, blocking the loop for under 0.1 ms; longer (or unbounded)
+#: reads, run listings and the resume scan go to a thread, where SQLite's page I/O does not hold the GIL.
+DIRECT_READ_LIMIT: Final = 128
+#: Appends committed between WAL checkpoints: an append dirties at most about one page, so the WAL stays near
+#: SQLite's default of 1000 pages. Checkpoints run after a group is acknowledged instead of inside its COMMIT.
+CHECKPOINT_EVERY: Final = 1000
+_BUSY_TIMEOUT_MS: Final = 5000
+_WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+
+_NO_INDEX = RunIndex()
+_STOP: Final = object()
+
+
+@dataclass(slots=True)
+class GroupCommitMetrics:
+    """Counters of the writer thread, read as plain attributes (by the Prometheus exporter, later).
+
+    Written only by the writer thread; reads from other threads see a consistent value per attribute.
+    """
+
+    commits: int = 0
+    """Transactions committed."""
+    appends: int = 0
+    """Appends committed."""
+    records: int = 0
+    """Event records committed."""
+    conflicts: int = 0
+    """Appends rejected by the expected-seq check."""
+    failures: int = 0
+    """Appends failed by a storage error rather than a conflict."""
+    last_batch_size: int = 0
+    """Appends in the most recent group (committed or conflicting)."""
+    max_batch_size: int = 0
+    """Largest group so far."""
+    last_commit_seconds: float = 0.0
+    """Wall time of the most recent transaction, BEGIN to COMMIT (includes the WAL fsync)."""
+    commit_seconds_total: float = 0.0
+    """Sum of the transaction times; divided by ``commits`` it is the mean commit latency."""
+    checkpoints: int = 0
+    """WAL checkpoints run by the writer."""
+
+
+# One queued append: run id, records, index, and where to deliver the outcome.
+_Pending = tuple[str, Sequence[EventRecord], RunIndex | None, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class _AppendFailed(Exception):
+    """A statement of one append failed inside a group (the group is retried append by append)."""
+
+
+class SqliteEventLog:
+    """:class:`~aobd.store.protocols.EventLog` on one SQLite file, with group commit.
+
+    Opening (the constructor) creates the parent directories and the schema and starts the writer thread; it
+    does a little blocking I/O, as daemon start-up may. Call :meth:`close` to flush and stop.
+
+    Args:
+        path: the database file.
+        max_batch: most appends committed in one transaction; bounds the latency a single group adds.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 1024) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self.metrics = GroupCommitMetrics()
+        self._closed = False
+        # Orders "check closed, enqueue" against "mark closed, enqueue STOP" so no append lands after STOP.
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._read_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aobd-sqlite-read")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = self._connect()
+        try:
+            self._setup_writer()
+        except BaseException:
+            self._conn.close()
+            self._read_pool.shutdown()
+            raise
+        self._since_checkpoint = 0
+        self._writer = threading.Thread(target=self._writer_main, name=f"aobd-sqlite-writer:{self.path.name}")
+        # Daemon so a forgotten close() cannot hang interpreter exit: what it drops was never acknowledged.
+        self._writer.daemon = True
+        self._writer.start()
+
+    def __repr__(self) -> str:
+        return f"SqliteEventLog({str(self.path)!r})"
+
+    async def __aenter__(self) -> SqliteEventLog:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    async def append(self, run_id: str, records: Sequence[EventRecord], *, index: RunIndex | None = None) -> None:
+        """Append ``records`` in the next group commit; returns once they are durable.
+
+        If the awaiting task is cancelled the append may still commit (its outcome is then unknown to the
+        caller, as with any lost reply); re-read ``last_seq`` before retrying.
+
+        Raises:
+            ConflictError: as the protocol says; nothing of this append is stored.
+            StoreError: the log is closed, or SQLite failed. A failure of the commit itself (an fsync error)
+                leaves the outcome unknown, as a cancellation does.
+            ValueError: ``records`` is empty, names another run or has non-consecutive seqs.
+        """
+        validate_append(run_id, records)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"event log {self.path} is closed")
+            self._queue.put((run_id, records, index, loop, future))
+        await future
+
+    def _writer_main(self) -> None:
+        get, get_nowait, max_batch = self._queue.get, self._queue.get_nowait, self.max_batch
+        try:
+            stop = False
+            while not stop:
+                item = get()
+                if item is _STOP:
+                    break
+                # Everything that queued while the previous group was committing goes into this one.
+                group: list[_Pending] = [item]
+                while len(group) < max_batch:
+                    try:
+                        item = get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    group.append(item)
+                self._settle(group, self._commit_group(group))
+                self._maybe_checkpoint()
+        finally:
+            with self._lock:
+                self._closed = True
+            # Items are left only if the loop above died (it should not): fail them rather than hang callers.
+            leftovers: list[_Pending] = []
+            while True:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    leftovers.append(item)
+            if leftovers:
+                self._settle(leftovers, [StoreError(f"event log {self.path} stopped") for _ in leftovers])
+            self._conn.close()
+
+    def _commit_group(self, group: list[_Pending]) -> list[Exception | None]:
+        """Commit a group in one transaction; the outcome of each append, in order (None: committed)."""
+        started = time.perf_counter()
+        try:
+            try:
+                outcomes = self._transaction(group, isolate=False)
+            except _AppendFailed:
+                # Cannot happen while runs.last_seq agrees with events; if the file says otherwise, find the
+                # culprit with a savepoint per append instead of failing its innocent neighbours.
+                self._rollback()
+                outcomes = self._transaction(group, isolate=True)
+        except Exception as exc:  # sqlite3.Error, or a bug: either way the callers must hear of it
+            self._rollback()
+            self.metrics.failures += len(group)
+            # One instance per append: an exception raised in many tasks would collect all their tracebacks.
+            message = f"event log {self.path}: commit of {len(group)} appends failed: {exc}"
+            return [StoreError(message) for _ in group]
+        elapsed = time.perf_counter() - started
+        m = self.metrics
+        m.commits += 1
+        for (_, records, _, _, _), outcome in zip(group, outcomes):
+            if outcome is None:
+                m.appends += 1
+                m.records += len(records)
+                self._since_checkpoint += 1
+            elif isinstance(outcome, ConflictError):
+                m.conflicts += 1
+            else:
+                m.failures += 1
+        m.last_batch_size = len(group)
+        m.max_batch_size = max(m.max_batch_size, len(group))
+        m.last_commit_seconds = elapsed
+        m.commit_seconds_total += elapsed
+        return outcomes
+
+    def _transaction(self, group: list[_Pending], *, isolate: bool) -> list[Exception | None]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        if isolate:
+            outcomes = [self._apply_isolated(conn, run_id, records, index) for run_id, records, index, _, _ in group]
+        else:
+            outcomes = []
+            # The events of the whole group go in with one executemany, after every run index check.
+            rows: list[tuple[str, int, str, float, bytes]] = []
+            try:
+                for run_id, records, index, _, _ in group:
+                    outcome = _advance(conn, run_id, records, index)
+                    if outcome is None:
+                        rows.extend((run_id, r.seq, r.type, r.ts, r.data) for r in records)
+                    outcomes.append(outcome)
+                conn.executemany(_INSERT_EVENT, rows)
+            except sqlite3.Error as exc:
+                raise _AppendFailed from exc
+        conn.execute("COMMIT")
+        return outcomes
+
+    def _apply_isolated(
+        self, conn: sqlite3.Connection, run_id: str, records: Sequence[EventRecord], index: RunIndex | None
+    ) -> Exception | None:
+        conn.execute("SAVEPOINT append")
+        outcome: Exception | None
+        try:
+            outcome = _advance(conn, run_id, records, index)
+            if outcome is None:
+                conn.executemany(_INSERT_EVENT, [(run_id, r.seq, r.type, r.ts, r.data) for r in records])
+        except sqlite3.Error as exc:
+            if not conn.in_transaction:  # SQLite abandoned the whole transaction (I/O error, disk full)
+                raise
+            conn.execute("ROLLBACK TO append")
+            outcome = StoreError(f"event log {self.path}: append to run {run_id!r} failed: {exc}")
+        conn.execute("RELEASE append")
+        return outcome
+
+    @staticmethod
+    def _settle(group: list[_Pending], outcomes: Sequence[Exception | None]) -> None:
+        # One wake-up per event loop per group instead of one per append: each call_soon_threadsafe writes to
+        # the loop's self-pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Exception | None]]] = {}
+        for (_, _, _, loop, future), outcome in zip(group, outcomes):
+            by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, results in by_loop.items():
+            # RuntimeError: the loop is closed, so nobody is waiting for these any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, results)
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            # If ROLLBACK fails the transaction is gone anyway; the next BEGIN starts clean.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _maybe_checkpoint(self) -> None:
+        # Autocheckpoint is off on the writer connection: it would run inside COMMIT and delay the group's
+        # acknowledgements. Here the group has been acknowledged already. PASSIVE never waits for readers.
+        if self._since_checkpoint < CHECKPOINT_EVERY:
+            return
+        self._since_checkpoint = 0
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.metrics.checkpoints += 1
+        except sqlite3.Error:
+            pass  # e.g. busy with another process's checkpoint; the WAL just grows until the next attempt
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    async def read(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        if limit is not None and limit <= DIRECT_READ_LIMIT:
+            return self._read(run_id, after_seq, limit)
+        return await self._in_reader_thread(self._read, run_id, after_seq, limit)
+
+    def _read(self, run_id: str, after_seq: int, limit: int | None) -> list[EventRecord]:
+        # LIMIT -1 is SQLite's "no limit"; a negative limit means none at all, as in the memory backend.
+        params = (run_id, after_seq, -1 if limit is None else max(limit, 0))
+        try:
+            rows = self._reader().execute(_READ, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._read_error(f"reading run {run_id!r}", exc) from exc
+        return [EventRecord(run_id, seq, type_, ts, data) for seq, type_, ts, data in rows]
+
+    async def last_seq(self, run_id: str) -> int:
+        try:
+            row = self._reader().execute(_SELECT_LAST, (run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._read_error(f"reading the last seq of run {run_id!r}", exc) from exc
+        return row[0] if row else 0
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        try:
+            row = self._reader().execute(_SELECT_RUN, (run_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._read_error(f"reading run {run_id!r}", exc) from exc
+        return None if row is None else RunInfo(*row)
+
+    async def list_runs(
+        self, *, status: str | None = None, workspace: str | None = None, limit: int = 1000
+    ) -> list[RunInfo]:
+        return await self._in_reader_thread(self._list_runs, status, workspace, limit)
+
+    def _list_runs(self, status: str | None, workspace: str | None, limit: int) -> list[RunInfo]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if workspace is not None:
+            where.append("workspace = ?")
+            params.append(workspace)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        try:
+            rows = self._reader().execute(sql, (*params, max(limit, 0))).fetchall()
+        except sqlite3.Error as exc:
+            raise self._read_error("listing runs", exc) from exc
+        return [RunInfo(*row) for row in rows]
+
+    async def unfinished_runs(self) -> list[str]:
+        return await self._in_reader_thread(self._unfinished_runs)
+
+    def _unfinished_runs(self) -> list[str]:
+        sql = f"SELECT run_id FROM runs WHERE {_UNFINISHED} ORDER BY created_at, rowid"
+        try:
+            return [row[0] for row in self._reader().execute(sql).fetchall()]
+        except sqlite3.Error as exc:
+            raise self._read_error("listing unfinished runs", exc) from exc
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: ``"ok"``, or SQLite's list of problems, one per line. Blocks."""
+        try:
+            rows = self._reader().execute("PRAGMA integrity_check").fetchall()
+        except sqlite3.Error as exc:
+            raise self._read_error("checking integrity", exc) from exc
+        return "\n".join(str(row[0]) for row in rows)
+
+    async def _in_reader_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        self._check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (a sqlite3 connection must not run two statements at once)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and not self._closed:
+            return conn
+        with self._lock:
+            self._check_open()
+            conn = self._connect()
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA query_only = ON")
+            except BaseException:
+                conn.close()
+                raise
+            self._readers.append(conn)
+        self._local.conn = conn
+        return conn
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close every connection. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._writer.join()
+        self._read_pool.shutdown(wait=True)
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"event log {self.path} is closed")
+
+    def _read_error(self, doing: str, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"event log {self.path}: {doing} failed: {exc}")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: no implicit BEGINs, the writer opens its transactions itself.
+            # check_same_thread=False: connections are closed by close(), which may run on any thread; each is
+            # still used by one thread at a time.
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
+
+    def _setup_writer(self) -> None:
+        conn = self._conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"event log {self.path}: SQLite refused WAL mode (journal_mode is {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # After a burst (or a long reader blocking checkpoints) the WAL is cut back to this when it restarts.
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        # Read inside the write transaction: two processes opening a fresh file must not both create tables.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"event log {self.path} has schema version {version}, newer than this aobd supports "
+                    f"({SCHEMA_VERSION}); upgrade aobd or use another data directory"
+                )
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+
+def _advance(
+    conn: sqlite3.Connection, run_id: str, records: Sequence[EventRecord], index: RunIndex | None
+) -> ConflictError | None:
+    """Check an append's expected seq and update the run index; the conflict if the check fails."""
+    first, final = records[0], records[-1]
+    idx = index or _NO_INDEX
+    if first.seq == 1:
+        changed = conn.execute(
+            _INSERT_NEW_RUN,
+            (
+                run_id,
+                idx.workflow or "",
+                idx.status or DEFAULT_STATUS,
+                first.ts,
+                final.ts,
+                final.seq,
+                idx.parent_run_id,
+                idx.workspace or DEFAULT_WORKSPACE,
+            ),
+        ).rowcount
+    else:
+        changed = conn.execute(
+            _ADVANCE_RUN,
+            (
+                final.seq,
+                final.ts,
+                idx.workflow,
+                idx.status,
+                idx.parent_run_id,
+                idx.workspace,
+                run_id,
+                first.seq - 1,
+            ),
+        ).rowcount
+    if changed == 1:
+        return None
+    row = conn.execute(_SELECT_LAST, (run_id,)).fetchone()
+    return conflict(run_id, first.seq, row[0] if row else 0)
+
+
+def _deliver(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
+    for future, outcome in results:
+        if future.done():  # the caller was cancelled
+            continue
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)
