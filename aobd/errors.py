@@ -100,3 +100,47 @@ class NodeError(AobdError):
         if code is not None:
             self.code = code
         self.retryable = retryable
+
+
+class BadRequest(AobdError):
+    """The request is malformed (body, parameters); 400."""
+
+    code = "bad_request"
+
+
+class Unauthorized(AobdError):
+    """No or an unknown bearer token; 401."""
+
+    code = "unauthorized"
+
+
+class Forbidden(AobdError):
+    """The token's role does not allow this operation; 403."""
+
+    code = "forbidden"
+
+
+class Conflict(AobdError):
+    """The object is not in a state that allows this (a decided ticket, a finished run); 409."""
+
+    code = "conflict"
+
+
+class PayloadTooLarge(AobdError):
+    code = "payload_too_large"
+
+
+class RateLimited(AobdError):
+    """Too many requests of one kind for a workspace; 429 with Retry-After."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, workspace: str = "", kind: str = "") -> None:
+        super().__init__(message, details=[{"retry_after_s": retry_after_s, "workspace": workspace, "kind": kind}])
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(AobdError):
+    """The daemon is draining or a dependency is down; 503."""
+
+    code = "unavailable"

@@ -21,13 +21,13 @@ from aobd.nodes.function import check_handler
 from aobd.store.local_cas import LocalCas
 from aobd.store.sqlite_log import SqliteEventLog
 
-from .main import EXIT_FAILED, EXIT_OK, read_json_file
+from .main import EXIT_FAILED, EXIT_OK, config_path, read_json_file
 from .render import render_runs, render_summary
 from .timeline import Timeline
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, overrides={"data_dir": getattr(args, "data_dir", None)})
+    return load_config(config_path(args), overrides={"data_dir": getattr(args, "data_dir", None)})
 
 
 @asynccontextmanager
@@ -62,7 +62,7 @@ def _inputs(text: str) -> Any:
 async def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.fast:
-        config = load_config(args.config, overrides={"data_dir": args.data_dir, "engine.fidelity": "fast"})
+        config = load_config(config_path(args), overrides={"data_dir": args.data_dir, "engine.fidelity": "fast"})
     path = Path(args.file)
     document = read_json_file(path)
     # Blocking path calls are fine here: nothing else runs on the loop before the run starts.

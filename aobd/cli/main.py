@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -25,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (env AOBD_CONFIG)")
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--single-process", action="store_true")
+    serve = sub.add_parser("serve", help="run the daemon (the default command)")
+    serve.add_argument("--single-process", action="store_true", help="everything in one process (development, tests)")
+    serve.add_argument("--data-dir", help="data directory (env AOBD_DATA_DIR, default ./.aobd)")
+    serve.add_argument("--listen", help="host:port of the HTTP API (env AOBD_API_LISTEN)")
 
     def data_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory (env AOBD_DATA_DIR, default ./.aobd)")
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "validate":
             return _validate(args)
         if command == "serve":
-            print("aobd serve: the daemon is not built yet; use `aobd run FILE` (see README)", file=sys.stderr)
-            return EXIT_USAGE
+            from aobd.daemon.server import serve
+
+            overrides = {"data_dir": getattr(args, "data_dir", None), "api.listen": getattr(args, "listen", None)}
+            return serve(config_path(args), single_process=getattr(args, "single_process", True), overrides=overrides)
         from aobd.cli import local
 
         handler = {
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """--config, else $AOBD_CONFIG, else none (embedded defaults)."""
+    return args.config or os.environ.get("AOBD_CONFIG") or None
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:

@@ -41,7 +41,8 @@ from .effects import Dispatch, Finished, Step, Wake
 from .machine import RunMachine
 
 Listener = Callable[[list[ev.Event]], None]
-WorkflowResolver = Callable[[str], dict[str, Any]]
+WorkflowResolver = Callable[[str, str], Awaitable[dict[str, Any]]]
+"""(name, workspace) -> the workflow document a composite node names."""
 
 
 @dataclass(slots=True)
@@ -84,6 +85,9 @@ class Engine:
         self._inflight = asyncio.Semaphore(max_inflight)
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
+        #: While draining, no new attempt is dispatched: nodes that became ready stay recorded as started and
+        #: are re-dispatched by whoever resumes the run (the next start of this daemon).
+        self.draining = False
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +217,18 @@ class Engine:
         if self._http_client is not None:
             await self._http_client.close()
 
+    def inflight(self) -> int:
+        """Node attempts, wakes and child waits currently executing."""
+        return sum(len(slot.tasks) for slot in self._runs.values())
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop dispatching and wait up to ``grace_s`` for in-flight attempts; True if all finished in time."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.inflight() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.inflight() == 0
+
     def active_runs(self) -> list[str]:
         return [rid for rid, slot in self._runs.items() if slot.machine.status == "running"]
 
@@ -273,7 +289,8 @@ class Engine:
     def _perform(self, slot: _RunSlot, step: Step) -> None:
         for effect in step.effects:
             if isinstance(effect, Dispatch):
-                self._spawn(slot, self._execute(slot, effect))
+                if not self.draining:
+                    self._spawn(slot, self._execute(slot, effect))
             elif isinstance(effect, Wake):
                 self._arm(slot, effect)
             elif isinstance(effect, Finished):
@@ -436,7 +453,7 @@ class Engine:
                     retryable=False,
                 )
             try:
-                document = self.workflow_resolver(config["workflow"])
+                document = await self.workflow_resolver(config["workflow"], ctx.workspace)
             except (AobdError, OSError) as exc:
                 raise NodeError(
                     f"composite {ctx.node_id!r}: workflow {config['workflow']!r}: {exc}",
@@ -482,7 +499,7 @@ def new_run_id() -> str:
 def file_workflow_resolver(directory: Path) -> WorkflowResolver:
     """Resolve composite ``config.workflow`` names to ``<dir>/<name>.json`` (used by ``aobd run FILE``)."""
 
-    def resolve(name: str) -> dict[str, Any]:
+    async def resolve(name: str, workspace: str) -> dict[str, Any]:
         for candidate in (directory / f"{name}.json", directory / name / "workflow.json"):
             if candidate.is_file():
                 data: dict[str, Any] = orjson.loads(candidate.read_bytes())

@@ -1,0 +1,79 @@
+"""Bearer tokens, roles, workspaces and per-workspace rate limits."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Sequence
+
+from aobd.config import LimitsConfig, TokenConfig
+from aobd.daemon.service import Caller
+from aobd.errors import RateLimited, Unauthorized
+
+
+class Authenticator:
+    """Maps ``Authorization: Bearer <token>`` to a :class:`Caller`.
+
+    Without configured tokens the daemon is open (it then listens on loopback only, see the supervisor), and
+    every caller is the admin of the ``default`` workspace.
+    """
+
+    def __init__(self, tokens: Sequence[TokenConfig]) -> None:
+        self._tokens = [(t.token.encode(), Caller(t.workspace, t.role, t.name or f"token:{t.workspace}")) for t in tokens]
+
+    @property
+    def open(self) -> bool:
+        return not self._tokens
+
+    def authenticate(self, authorization: str) -> Caller:
+        if self.open:
+            return Caller("default", "admin", "local")
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            raise Unauthorized("this route needs 'Authorization: Bearer <token>'")
+        given = secret.strip().encode()
+        for token, caller in self._tokens:
+            # Constant-time comparison: response timing must not reveal how much of a token matched.
+            if hmac.compare_digest(token, given):
+                return caller
+        raise Unauthorized("unknown token")
+
+
+class _Bucket:
+    __slots__ = ("level", "stamp")
+
+    def __init__(self, level: float, stamp: float) -> None:
+        self.level = level
+        self.stamp = stamp
+
+
+class RateLimiter:
+    """Token buckets per (workspace, kind), in process (the scale-out issue moves them to Redis)."""
+
+    def __init__(self, limits: LimitsConfig, clock: object = time.monotonic) -> None:
+        self._rates = {
+            "run_start": (limits.run_starts_per_s, limits.run_starts_burst),
+            "patch": (limits.patches_per_s, limits.patches_burst),
+        }
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+
+    def check(self, workspace: str, kind: str) -> None:
+        rate, burst = self._rates[kind]
+        if rate <= 0:
+            return
+        now = self._clock()  # type: ignore[operator]
+        bucket = self._buckets.get((workspace, kind))
+        if bucket is None:
+            bucket = self._buckets[(workspace, kind)] = _Bucket(float(burst), now)
+        bucket.level = min(float(burst), bucket.level + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.level < 1.0:
+            wait = (1.0 - bucket.level) / rate
+            raise RateLimited(
+                f"workspace {workspace!r} exceeds {rate:g} {kind.replace('_', ' ')}s per second",
+                retry_after_s=wait,
+                workspace=workspace,
+                kind=kind,
+            )
+        bucket.level -= 1.0

@@ -1,0 +1,208 @@
+"""``aobd serve``: the daemon's lifecycle in one process (``--single-process``).
+
+Start: load config, refuse to listen beyond loopback without tokens, resume every unfinished run, then open
+the HTTP API (granian, HTTP/1.1 + HTTP/2, TLS with ALPN when configured) and the admin unix socket, and tell
+systemd READY. SIGTERM/SIGINT or ``aobctl drain``: stop taking runs (503), let in-flight node attempts finish
+for ``daemon.drain_grace_s``, close the stores (every committed event is already durable; unfinished runs are
+resumed by the next start) and exit 0. SIGHUP: reload tokens, rate limits and log level.
+
+The multi-process planes (issue: performance) replace the body of :func:`serve_single` with a supervisor of
+process groups; the Service, Api and AdminServer seams stay as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from aobd import __version__, _fast
+from aobd.api.app import Api
+from aobd.api.fanout import FanoutHub
+from aobd.config import Config, load_config
+from aobd.daemon.admin import AdminServer
+from aobd.daemon.sdnotify import Notifier, watchdog_interval
+from aobd.daemon.service import Service
+from aobd.errors import ConfigError
+from aobd.log import configure_logging
+from aobd.metrics import Metrics, MetricsListener
+
+log = structlog.get_logger("aobd.daemon")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"api.listen must be host:port, not {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.host, self.port = split_listen(config.api.listen)
+        if not config.auth.tokens and not is_loopback(self.host):
+            raise ConfigError(
+                f"api.listen is {config.api.listen} but no [[auth.tokens]] are configured: "
+                "an open daemon serves loopback only. Configure tokens or listen on 127.0.0.1"
+            )
+        self.service = Service(config)
+        self.hub = FanoutHub(buffer_size=config.api.stream_buffer)
+        self.metrics = Metrics()
+        self.metrics.observe_store(self.service.log)
+        self.metrics.track_subscribers(self.hub.subscriber_count)
+        self.metrics.queue_depth.set_function(self.service.engine.inflight)
+        self.service.engine.listeners.append(self.hub.publish)
+        self.service.engine.listeners.append(MetricsListener(self.metrics))
+        self.api = Api(self.service, listen=config.api.listen, hub=self.hub, metrics=self.metrics)
+        self.admin = AdminServer(self.api, config.admin_socket, drain=self.request_stop)
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._servers: list[tuple[Any, asyncio.Task[Any]]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            log.info("reload requested; no config file to reread")
+            return
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running configuration", error=exc.message)
+        else:
+            self.api.reload(config)
+            configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
+            log.info("configuration reloaded", tokens=len(config.auth.tokens))
+        self.notifier.ready("reloaded")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        started = time.perf_counter()
+        resumed = await self.service.start()
+        await self._open_listeners()
+        if not self.config.auth.tokens:
+            log.warning(
+                "no auth tokens configured: the API is open, and serves loopback only", listen=self.config.api.listen
+            )
+        log.info(
+            "aobd ready",
+            version=__version__,
+            impl=_fast.__impl__,
+            listen=self.config.api.listen,
+            admin_socket=str(self.config.admin_socket),
+            data_dir=str(Path(self.config.data_dir).resolve()),
+            resumed_runs=len(resumed),
+            startup_s=round(time.perf_counter() - started, 3),
+        )
+        self.notifier.ready(f"serving on {self.config.api.listen}; {len(resumed)} runs resumed")
+        interval = watchdog_interval()
+        if interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        await self._stop.wait()
+        return await self._shutdown()
+
+    async def _open_listeners(self) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.server.embed import Server
+
+        tls: dict[str, Any] = {}
+        if self.config.api.tls_cert:
+            tls = {"ssl_cert": Path(self.config.api.tls_cert), "ssl_key": Path(self.config.api.tls_key)}
+        server = Server(
+            self.api,
+            address=self.host,
+            port=self.port,
+            interface=Interfaces.ASGI,
+            http=HTTPModes.auto,
+            websockets=True,
+            log_enabled=False,
+            **tls,
+        )
+        self._servers.append((server, asyncio.create_task(server.serve())))
+        await self.admin.start()
+        await self._wait_listening()
+
+    async def _wait_listening(self) -> None:
+        """granian binds inside its serve task; READY must not be sent before the port accepts."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise ConfigError(f"could not listen on {self.config.api.listen}")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self) -> int:
+        self.notifier.stopping()
+        grace = self.config.daemon.drain_grace_s
+        log.info("draining", inflight=self.service.engine.inflight(), grace_s=grace)
+        finished = await self.service.drain(grace)
+        if not finished:
+            log.warning(
+                "drain grace period over; unfinished attempts will run again on the next start",
+                inflight=self.service.engine.inflight(),
+            )
+        self.hub.close()
+        for server, task in self._servers:
+            server.stop()
+            # Let granian finish its own shutdown; cancelling its task breaks its lifespan glue.
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            except TimeoutError:
+                task.cancel()
+        await self.admin.close()
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.service.close()
+        log.info("stopped")
+        return 0
+
+
+def serve(config_path: str | None, *, single_process: bool = True, overrides: dict[str, Any] | None = None) -> int:
+    config = load_config(config_path, overrides=overrides)
+    configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
+    if not single_process:
+        log.info("multi-process planes are not built yet; running single-process")
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        daemon = runner.run(_make(config, config_path))
+        return runner.run(daemon.run())
+
+
+async def _make(config: Config, config_path: str | None) -> Daemon:
+    # Built inside the loop: the stores and the hub bind asyncio primitives to the running loop.
+    return Daemon(config, config_path=config_path)

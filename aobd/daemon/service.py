@@ -1,0 +1,363 @@
+"""The daemon's application layer: what every API route and admin command does, with workspaces enforced.
+
+HTTP handlers (``aobd.api.app``) decode requests and call these methods with a :class:`Caller`; nothing here
+knows about HTTP. Every lookup checks that the object belongs to the caller's workspace and answers NotFound
+otherwise (another workspace's objects are indistinguishable from missing ones, so ids leak nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+
+from aobd import __version__, _fast
+from aobd.api import schemas as s
+from aobd.config import Config, masked
+from aobd.engine.driver import Engine, new_run_id
+from aobd.engine.machine import RunMachine
+from aobd.errors import AobdError, BadRequest, Conflict, NotFound, Unavailable
+from aobd.model import events as ev
+from aobd.model.canonical import canonical_json, sha256_ref
+from aobd.model.patch import PatchProposal
+from aobd.model.validate import load_workflow
+from aobd.store.local_cas import LocalCas
+from aobd.store.meta import SqliteMetaStore
+from aobd.store.sqlite_log import SqliteEventLog
+
+ROLES = {"read": 0, "write": 1, "admin": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: from a bearer token, or the admin socket (admin in the workspace it names)."""
+
+    workspace: str
+    role: str
+    name: str
+    via: str = "http"
+
+    def allows(self, role: str) -> bool:
+        return ROLES[self.role] >= ROLES[role]
+
+
+@dataclass(slots=True)
+class _Approval:
+    ticket: str
+    run_id: str
+    node_id: str
+    workspace: str
+    assignees: list[str]
+    deadline: float | None
+    status: str = "pending"
+    decided_by: str | None = None
+
+    def info(self) -> s.ApprovalInfo:
+        return s.ApprovalInfo(
+            ticket=self.ticket,
+            run_id=self.run_id,
+            node_id=self.node_id,
+            status=self.status,  # type: ignore[arg-type]
+            assignees=self.assignees,
+            deadline=self.deadline,
+            decided_by=self.decided_by,
+        )
+
+
+class Service:
+    """Owns the stores and the engine of one daemon (single-process mode)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.ready = False
+        self.draining = False
+        data = config.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.log = SqliteEventLog(data / "events.db")
+        self.cas = LocalCas(data / "cas")
+        self.meta = SqliteMetaStore(data / "meta.db")
+        self.engine = Engine(
+            self.log,
+            self.cas,
+            http_allow=list(config.security.http_allow),
+            fidelity=config.engine.fidelity,
+            max_inflight=config.engine.max_inflight,
+            workflow_resolver=self._resolve_workflow,
+        )
+        self._workspace_of: dict[str, str] = {}
+        self._approvals: dict[str, _Approval] = {}
+        self.engine.listeners.append(self._on_events)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> list[str]:
+        """Resume every unfinished run, then report ready."""
+        resumed = await self.engine.resume_all()
+        for run_id in resumed:
+            machine = await self.engine.load(run_id)
+            self._workspace_of[run_id] = machine.workspace
+            for node_id, node in machine.nodes.items():
+                if node.ticket and node.status == "waiting":
+                    spec = machine.ir.nodes[machine.ir.index[node_id]]
+                    self._approvals[node.ticket] = _Approval(
+                        node.ticket,
+                        run_id,
+                        node_id,
+                        machine.workspace,
+                        list(spec.config.get("assignees", [])),
+                        node.wake_at,
+                    )
+        self.ready = True
+        return resumed
+
+    async def drain(self, grace_s: float) -> bool:
+        self.draining = True
+        return await self.engine.drain(grace_s)
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.meta.close()
+        await self.cas.close()
+        await self.log.close()
+
+    async def _resolve_workflow(self, name: str, workspace: str) -> dict[str, Any]:
+        """Composite nodes name registered workflows of their own run's workspace (never another's)."""
+        found = await self.meta.resolve_workflow(workspace, name)
+        if found is None:
+            raise NotFound(f"no workflow {name!r} registered in workspace {workspace!r}")
+        document: dict[str, Any] = orjson.loads(await self.cas.get(found.doc_ref))
+        return document
+
+    # ------------------------------------------------------------------ event hooks
+
+    def _on_events(self, events: list[ev.Event]) -> None:
+        """Keep the approval index and CAS ownership in step with committed events."""
+        refs: dict[str, list[str]] = {}
+        for e in events:
+            workspace = self._workspace_of.get(e.run_id, "default")
+            if isinstance(e, ev.RunCreated):
+                workspace = self._workspace_of[e.run_id] = e.workspace
+                refs.setdefault(workspace, []).extend((e.base_ref, e.inputs_ref))
+            elif isinstance(e, ev.NodeStarted):
+                refs.setdefault(workspace, []).append(e.inputs_ref)
+            elif isinstance(e, ev.NodeCompleted):
+                refs.setdefault(workspace, []).append(e.output_ref)
+            elif isinstance(e, ev.PatchApplied | ev.PatchRolledBack):
+                refs.setdefault(workspace, []).append(e.version_ref)
+            elif isinstance(e, ev.RunCompleted) and e.outputs_ref:
+                refs.setdefault(workspace, []).append(e.outputs_ref)
+            elif isinstance(e, ev.ApprovalRequested):
+                self._approvals[e.ticket] = _Approval(e.ticket, e.run_id, e.node_id, workspace, e.assignees, e.deadline)
+            elif isinstance(e, ev.ApprovalDecided) and e.ticket in self._approvals:
+                approval = self._approvals[e.ticket]
+                approval.status = "approved" if e.decision == "approve" else "rejected"
+                approval.decided_by = e.by
+            if isinstance(e, ev.RunCompleted | ev.RunFailed | ev.RunCancelled):
+                for ticket in [t for t, a in self._approvals.items() if a.run_id == e.run_id and a.status == "pending"]:
+                    del self._approvals[ticket]
+        for workspace, owned in refs.items():
+            self.meta.own_refs(workspace, owned)
+
+    # ------------------------------------------------------------------ workflows
+
+    async def put_workflow(self, caller: Caller, body: s.WorkflowPut) -> s.WorkflowRef:
+        workflow = load_workflow(body.definition, source="definition")
+        data = canonical_json(body.definition)
+        version = sha256_ref(data)
+        await self.cas.put(data)
+        await self.meta.put_workflow(caller.workspace, workflow.name, version, version, body.tag)
+        self.meta.own_refs(caller.workspace, [version])
+        return s.WorkflowRef(workflow=workflow.name, version=version, tag=body.tag)
+
+    async def list_workflows(self, caller: Caller) -> list[s.WorkflowInfo]:
+        entries = await self.meta.list_workflows(caller.workspace)
+        return [
+            s.WorkflowInfo(e.name, e.workspace, e.latest_version, e.tags, e.versions, e.updated_at) for e in entries
+        ]
+
+    async def get_workflow(self, caller: Caller, name: str, tag: str | None = None) -> s.WorkflowInfo:
+        found = await self.meta.resolve_workflow(caller.workspace, name, tag)
+        if found is None:
+            raise NotFound(f"no workflow {name!r}" + (f" with tag {tag!r}" if tag else "") + " in this workspace")
+        entry = next(e for e in await self.meta.list_workflows(caller.workspace) if e.name == name)
+        definition = orjson.loads(await self.cas.get(found.doc_ref))
+        return s.WorkflowInfo(
+            entry.name, entry.workspace, entry.latest_version, entry.tags, entry.versions, entry.updated_at, definition
+        )
+
+    # ------------------------------------------------------------------ runs
+
+    async def start_run(self, caller: Caller, body: s.RunStart) -> dict[str, Any]:
+        if self.draining:
+            raise Unavailable("the daemon is draining; it accepts no new runs")
+        if (body.workflow is None) == (body.definition is None):
+            raise BadRequest("give exactly one of 'workflow' (a registered name) or 'definition' (a document)")
+        if body.patch_set:
+            raise BadRequest("patch_set (A/B runs of earlier patches) is not supported by this daemon yet")
+        if body.definition is not None:
+            document = body.definition
+        else:
+            assert body.workflow is not None
+            found = await self.meta.resolve_workflow(caller.workspace, body.workflow, body.tag)
+            if found is None:
+                raise NotFound(
+                    f"no workflow {body.workflow!r}"
+                    + (f" tagged {body.tag!r}" if body.tag else "")
+                    + " in this workspace"
+                )
+            document = orjson.loads(await self.cas.get(found.doc_ref))
+        run_id = new_run_id()
+        if body.idempotency_key:
+            existing = await self.meta.claim_idempotency(caller.workspace, body.idempotency_key, run_id)
+            if existing is not None:
+                return await self.get_run(caller, existing)
+        await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace)
+        return (await self.engine.load(run_id)).summary()
+
+    async def _machine(self, caller: Caller, run_id: str) -> RunMachine:
+        info = await self.log.get_run(run_id)
+        if info is None or info.workspace != caller.workspace:
+            raise NotFound(f"no run {run_id!r} in this workspace")
+        return await self.engine.load(run_id)
+
+    async def get_run(self, caller: Caller, run_id: str) -> dict[str, Any]:
+        return (await self._machine(caller, run_id)).summary()
+
+    async def list_runs(self, caller: Caller, status: str | None, limit: int) -> list[s.RunInfoOut]:
+        runs = await self.log.list_runs(status=status, workspace=caller.workspace, limit=limit)
+        return [msgspec.convert(msgspec.to_builtins(r), s.RunInfoOut) for r in runs]
+
+    async def check_run(self, caller: Caller, run_id: str) -> None:
+        info = await self.log.get_run(run_id)
+        if info is None or info.workspace != caller.workspace:
+            raise NotFound(f"no run {run_id!r} in this workspace")
+
+    async def events(self, caller: Caller, run_id: str, after_seq: int = 0) -> list[Any]:
+        await self.check_run(caller, run_id)
+        return [orjson.loads(r.data) for r in await self.log.read(run_id, after_seq)]
+
+    async def cancel(self, caller: Caller, run_id: str, reason: str) -> dict[str, Any]:
+        machine = await self._machine(caller, run_id)
+        if machine.status != "running":
+            raise Conflict(f"run {run_id} is {machine.status}; only running runs can be cancelled")
+        await self.engine.cancel(run_id, reason, caller.name)
+        return (await self.engine.load(run_id)).summary()
+
+    # ------------------------------------------------------------------ patches
+
+    @staticmethod
+    def _patch_info(machine: RunMachine, patch_id: str) -> s.PatchInfo:
+        p = machine.patches[patch_id]
+        return s.PatchInfo(
+            patch_id=p.patch_id,
+            run_id=machine.run_id,
+            author=p.author,
+            status=p.status,  # type: ignore[arg-type]
+            reason=p.reason,
+            ops=p.ops,
+            reasons=p.reasons,
+            proposed_at=p.proposed_at,
+            node_id=p.node_id,
+            version=p.version,
+            added_nodes=p.added_nodes,
+            decided_by=p.decided_by,
+        )
+
+    async def _running(self, caller: Caller, run_id: str) -> RunMachine:
+        machine = await self._machine(caller, run_id)
+        if machine.status != "running":
+            raise Conflict(f"run {run_id} is {machine.status}; patches and decisions apply only to running runs")
+        return machine
+
+    async def propose_patch(self, caller: Caller, run_id: str, body: s.PatchPost) -> s.PatchInfo:
+        await self._running(caller, run_id)
+        proposal = PatchProposal(ops=body.ops, author=body.author or caller.name, reason=body.reason, base=body.base)
+        patch_id = await self.engine.propose_patch(run_id, proposal)
+        return self._patch_info(await self.engine.load(run_id), patch_id)
+
+    async def list_patches(self, caller: Caller, run_id: str) -> list[s.PatchInfo]:
+        machine = await self._machine(caller, run_id)
+        return [self._patch_info(machine, pid) for pid in machine.patches]
+
+    @staticmethod
+    def run_of_patch(patch_id: str) -> str:
+        run_id, sep, number = patch_id.rpartition(".p")
+        if not sep or not number.isdigit():
+            raise NotFound(f"no patch {patch_id!r}: patch ids look like <run_id>.p<n>")
+        return run_id
+
+    async def get_patch(self, caller: Caller, patch_id: str) -> s.PatchInfo:
+        machine = await self._machine(caller, self.run_of_patch(patch_id))
+        if patch_id not in machine.patches:
+            raise NotFound(f"no patch {patch_id!r}")
+        return self._patch_info(machine, patch_id)
+
+    async def decide_patch(self, caller: Caller, patch_id: str, action: str, reason: str) -> s.PatchInfo:
+        run_id = self.run_of_patch(patch_id)
+        machine = await self._running(caller, run_id)
+        if patch_id not in machine.patches:
+            raise NotFound(f"no patch {patch_id!r}")
+        by = caller.name + (f" ({reason})" if reason else "")
+        try:
+            if action == "rollback":
+                await self.engine.rollback_patch(run_id, patch_id, by)
+            else:
+                await self.engine.decide_patch(run_id, patch_id, action == "approve", by)
+        except NotFound:
+            raise
+        except AobdError as exc:
+            # The machine refuses decisions on patches that are not pending / rollbacks of started work.
+            raise Conflict(exc.message) from None
+        return self._patch_info(await self.engine.load(run_id), patch_id)
+
+    # ------------------------------------------------------------------ approvals
+
+    async def list_approvals(self, caller: Caller, status: str | None) -> list[s.ApprovalInfo]:
+        return [
+            a.info()
+            for a in self._approvals.values()
+            if a.workspace == caller.workspace and (status is None or a.status == status)
+        ]
+
+    async def decide_approval(self, caller: Caller, ticket: str, body: s.ApprovalDecision) -> s.ApprovalInfo:
+        approval = self._approvals.get(ticket)
+        if approval is None or approval.workspace != caller.workspace:
+            raise NotFound(f"no approval ticket {ticket!r} in this workspace")
+        if approval.status != "pending":
+            raise Conflict(f"ticket {ticket} was already decided: {approval.status} by {approval.decided_by}")
+        try:
+            await self.engine.decide_approval(approval.run_id, ticket, body.decision, caller.name, body.reason)
+        except AobdError as exc:
+            if isinstance(exc, NotFound):
+                raise
+            raise Conflict(exc.message) from None
+        return approval.info()
+
+    # ------------------------------------------------------------------ CAS and admin
+
+    async def get_blob(self, caller: Caller, ref: str) -> bytes:
+        if not await self.meta.owns_ref(caller.workspace, ref):
+            raise NotFound(f"no blob {ref} in this workspace")
+        return await self.cas.get(ref)
+
+    def status(self, listen: str) -> s.Status:
+        return s.Status(
+            version=__version__,
+            impl=_fast.__impl__,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 3),
+            data_dir=str(Path(self.config.data_dir).resolve()),
+            runs_active=len(self.engine.active_runs()),
+            draining=self.draining,
+            listen=listen,
+            planes={"mode": "single-process", "inflight": self.engine.inflight()},
+        )
+
+    def config_view(self) -> dict[str, Any]:
+        return masked(self.config)
