@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -37,8 +37,8 @@ from aobd.errors import (
 log = structlog.get_logger("aobd.api")
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _encoder = msgspec.json.Encoder()
 _STATUS_OF: list[tuple[type[AobdError], int]] = [
@@ -199,7 +199,9 @@ class Api:
             await self._send_error(scope, send, AobdError("internal error; see the daemon log"), 500)
         finally:
             if self.metrics is not None:
-                self.metrics.observe_request(route.op_id if route else "unmatched", method, status, time.perf_counter() - started)
+                self.metrics.observe_request(
+                    route.op_id if route else "unmatched", method, status, time.perf_counter() - started
+                )
 
     def _authorize(self, scope: Scope, route: Route) -> Caller:
         preset = scope.get("extensions", {}).get("aobd.caller")
@@ -218,7 +220,9 @@ class Api:
         limit = self.config.api.max_body_bytes
         for k, v in scope.get("headers", []):
             if k == b"content-length" and v.isdigit() and int(v) > limit:
-                raise PayloadTooLarge(f"request body of {int(v)} bytes exceeds the limit of {limit} bytes (api.max_body_bytes)")
+                raise PayloadTooLarge(
+                    f"request body of {int(v)} bytes exceeds the limit of {limit} bytes (api.max_body_bytes)"
+                )
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -448,28 +452,191 @@ async def admin_config(api: Api, r: Request) -> Any:
 
 _RUN = "run"
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/workflows", put_workflow, "write", "putWorkflow", "Register a workflow version", s.WorkflowPut, s.WorkflowRef, 201),
-    Route("GET", "/v1/workflows", list_workflows, "read", "listWorkflows", "List workflows", None, list[s.WorkflowInfo]),
-    Route("GET", "/v1/workflows/{name}", get_workflow, "read", "getWorkflow", "Get a workflow and its definition", None, s.WorkflowInfo, query=(("tag", str),)),
+    Route(
+        "POST",
+        "/v1/workflows",
+        put_workflow,
+        "write",
+        "putWorkflow",
+        "Register a workflow version",
+        s.WorkflowPut,
+        s.WorkflowRef,
+        201,
+    ),
+    Route(
+        "GET", "/v1/workflows", list_workflows, "read", "listWorkflows", "List workflows", None, list[s.WorkflowInfo]
+    ),
+    Route(
+        "GET",
+        "/v1/workflows/{name}",
+        get_workflow,
+        "read",
+        "getWorkflow",
+        "Get a workflow and its definition",
+        None,
+        s.WorkflowInfo,
+        query=(("tag", str),),
+    ),
     Route("POST", "/v1/runs", start_run, "write", "startRun", "Start a run", s.RunStart, s.RunSummary, 201),
-    Route("GET", "/v1/runs", list_runs, "read", "listRuns", "List runs", None, list[s.RunInfoOut], query=(("status", str), ("limit", int))),
+    Route(
+        "GET",
+        "/v1/runs",
+        list_runs,
+        "read",
+        "listRuns",
+        "List runs",
+        None,
+        list[s.RunInfoOut],
+        query=(("status", str), ("limit", int)),
+    ),
     Route("GET", "/v1/runs/{id}", get_run, "read", "getRun", "Get a run summary", None, s.RunSummary, owner=_RUN),
-    Route("GET", "/v1/runs/{id}/events", run_events, "read", "getRunEvents", "A run's events (JSON, or SSE with Accept: text/event-stream)", None, list[dict[str, Any]], query=(("after", int), ("node", str)), owner=_RUN),
-    Route("WS", "/v1/runs/{id}/ws", run_ws, "read", "streamRunEvents", "A run's events over WebSocket", None, None, owner=_RUN),
-    Route("POST", "/v1/runs/{id}/cancel", cancel_run, "write", "cancelRun", "Cancel a run", s.CancelRequest, s.RunSummary, owner=_RUN),
-    Route("POST", "/v1/runs/{id}/replay", replay_run, "write", "replayRun", "Replay a run from a node", s.ReplayRequest, s.RunSummary, 201, owner=_RUN),
-    Route("POST", "/v1/runs/{id}/patches", propose_patch, "write", "proposePatch", "Propose a patch to a running run", s.PatchPost, s.PatchInfo, 201, owner=_RUN),
-    Route("GET", "/v1/runs/{id}/patches", list_patches, "read", "listPatches", "A run's patches", None, list[s.PatchInfo], owner=_RUN),
+    Route(
+        "GET",
+        "/v1/runs/{id}/events",
+        run_events,
+        "read",
+        "getRunEvents",
+        "A run's events (JSON, or SSE with Accept: text/event-stream)",
+        None,
+        list[dict[str, Any]],
+        query=(("after", int), ("node", str)),
+        owner=_RUN,
+    ),
+    Route(
+        "WS",
+        "/v1/runs/{id}/ws",
+        run_ws,
+        "read",
+        "streamRunEvents",
+        "A run's events over WebSocket",
+        None,
+        None,
+        owner=_RUN,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{id}/cancel",
+        cancel_run,
+        "write",
+        "cancelRun",
+        "Cancel a run",
+        s.CancelRequest,
+        s.RunSummary,
+        owner=_RUN,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{id}/replay",
+        replay_run,
+        "write",
+        "replayRun",
+        "Replay a run from a node",
+        s.ReplayRequest,
+        s.RunSummary,
+        201,
+        owner=_RUN,
+    ),
+    Route(
+        "POST",
+        "/v1/runs/{id}/patches",
+        propose_patch,
+        "write",
+        "proposePatch",
+        "Propose a patch to a running run",
+        s.PatchPost,
+        s.PatchInfo,
+        201,
+        owner=_RUN,
+    ),
+    Route(
+        "GET",
+        "/v1/runs/{id}/patches",
+        list_patches,
+        "read",
+        "listPatches",
+        "A run's patches",
+        None,
+        list[s.PatchInfo],
+        owner=_RUN,
+    ),
     Route("GET", "/v1/patches/{id}", get_patch, "read", "getPatch", "Get a patch", None, s.PatchInfo, owner="patch"),
-    Route("POST", "/v1/patches/{id}/approve", _decide("approve"), "write", "approvePatch", "Approve a pending patch", s.PatchDecision, s.PatchInfo, owner="patch"),
-    Route("POST", "/v1/patches/{id}/reject", _decide("reject"), "write", "rejectPatch", "Reject a pending patch", s.PatchDecision, s.PatchInfo, owner="patch"),
-    Route("POST", "/v1/patches/{id}/rollback", _decide("rollback"), "write", "rollbackPatch", "Roll back an applied patch", s.PatchDecision, s.PatchInfo, owner="patch"),
-    Route("GET", "/v1/approvals", list_approvals, "read", "listApprovals", "Approval tickets", None, list[s.ApprovalInfo], query=(("status", str),)),
-    Route("POST", "/v1/approvals/{ticket}", decide_approval, "write", "decideApproval", "Decide an approval ticket", s.ApprovalDecision, s.ApprovalInfo, owner="ticket"),
+    Route(
+        "POST",
+        "/v1/patches/{id}/approve",
+        _decide("approve"),
+        "write",
+        "approvePatch",
+        "Approve a pending patch",
+        s.PatchDecision,
+        s.PatchInfo,
+        owner="patch",
+    ),
+    Route(
+        "POST",
+        "/v1/patches/{id}/reject",
+        _decide("reject"),
+        "write",
+        "rejectPatch",
+        "Reject a pending patch",
+        s.PatchDecision,
+        s.PatchInfo,
+        owner="patch",
+    ),
+    Route(
+        "POST",
+        "/v1/patches/{id}/rollback",
+        _decide("rollback"),
+        "write",
+        "rollbackPatch",
+        "Roll back an applied patch",
+        s.PatchDecision,
+        s.PatchInfo,
+        owner="patch",
+    ),
+    Route(
+        "GET",
+        "/v1/approvals",
+        list_approvals,
+        "read",
+        "listApprovals",
+        "Approval tickets",
+        None,
+        list[s.ApprovalInfo],
+        query=(("status", str),),
+    ),
+    Route(
+        "POST",
+        "/v1/approvals/{ticket}",
+        decide_approval,
+        "write",
+        "decideApproval",
+        "Decide an approval ticket",
+        s.ApprovalDecision,
+        s.ApprovalInfo,
+        owner="ticket",
+    ),
     Route("GET", "/v1/cas/{ref}", get_blob, "read", "getBlob", "A content-addressed blob", None, bytes, owner="blob"),
     Route("GET", "/v1/admin/status", admin_status, "admin", "adminStatus", "Daemon status", None, s.Status),
-    Route("POST", "/v1/admin/drain", admin_drain, "admin", "adminDrain", "Drain the daemon (stop taking runs, finish in-flight work, exit)", None, s.Status),
-    Route("GET", "/v1/admin/config", admin_config, "admin", "adminConfig", "Effective configuration, secrets masked", None, dict[str, Any]),
+    Route(
+        "POST",
+        "/v1/admin/drain",
+        admin_drain,
+        "admin",
+        "adminDrain",
+        "Drain the daemon (stop taking runs, finish in-flight work, exit)",
+        None,
+        s.Status,
+    ),
+    Route(
+        "GET",
+        "/v1/admin/config",
+        admin_config,
+        "admin",
+        "adminConfig",
+        "Effective configuration, secrets masked",
+        None,
+        dict[str, Any],
+    ),
     Route("GET", "/metrics", metrics, "read", "metrics", "Prometheus metrics", None, str),
     Route("GET", "/healthz", healthz, None, "healthz", "Liveness", None, s.Health),
     Route("GET", "/readyz", readyz, None, "readyz", "Readiness", None, s.Health),

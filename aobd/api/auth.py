@@ -19,7 +19,9 @@ class Authenticator:
     """
 
     def __init__(self, tokens: Sequence[TokenConfig]) -> None:
-        self._tokens = [(t.token.encode(), Caller(t.workspace, t.role, t.name or f"token:{t.workspace}")) for t in tokens]
+        self._tokens = [
+            (t.token.encode(), Caller(t.workspace, t.role, t.name or f"token:{t.workspace}")) for t in tokens
+        ]
 
     @property
     def open(self) -> bool:

@@ -41,28 +41,46 @@ def _build(routes: tuple[Any, ...]) -> dict[str, Any]:
     for route in routes:
         if route.method == "WS":
             continue  # OpenAPI cannot describe a WebSocket; documented in docs/api.md
-        op: dict[str, Any] = {"operationId": route.op_id, "summary": route.summary, "tags": [route.path.split("/")[2] if route.path.startswith("/v1/") else "ops"]}
+        op: dict[str, Any] = {
+            "operationId": route.op_id,
+            "summary": route.summary,
+            "tags": [route.path.split("/")[2] if route.path.startswith("/v1/") else "ops"],
+        }
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
             for name in _path_params(route.path)
         ]
         params += [
-            {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1} if kind is int else {"type": "string"}}
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1} if kind is int else {"type": "string"},
+            }
             for name, kind in route.query
         ]
         if params:
             op["parameters"] = params
         if route.body is not None:
-            op["requestBody"] = {"required": route.method == "POST" and route.op_id not in _OPTIONAL_BODY, "content": {"application/json": {"schema": schema_of[route.body]}}}
+            op["requestBody"] = {
+                "required": route.method == "POST" and route.op_id not in _OPTIONAL_BODY,
+                "content": {"application/json": {"schema": schema_of[route.body]}},
+            }
         op["responses"] = {str(route.status): _response(route, schema_of)}
         if route.role is not None:
             op["security"] = [{"bearer": []}]
         for code, text in _ERRORS.items():
-            op["responses"].setdefault(code, {"description": text, "content": {"application/json": {"schema": schema_of[s.ErrorResponse]}}})
+            op["responses"].setdefault(
+                code, {"description": text, "content": {"application/json": {"schema": schema_of[s.ErrorResponse]}}}
+            )
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "aobd", "version": __version__, "description": "Workflow orchestration for agentic workflows"},
+        "info": {
+            "title": "aobd",
+            "version": __version__,
+            "description": "Workflow orchestration for agentic workflows",
+        },
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
@@ -77,7 +95,10 @@ def _path_params(path: str) -> list[str]:
 
 def _response(route: Any, schema_of: dict[Any, Any]) -> dict[str, Any]:
     if route.response is bytes:
-        return {"description": "blob", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        return {
+            "description": "blob",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     if route.response is str:
         return {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content: dict[str, Any] = {"application/json": {"schema": schema_of[route.response]}}

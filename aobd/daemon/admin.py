@@ -95,7 +95,7 @@ class AdminServer:
                 sent_body = True
                 return {"type": "http.request", "body": body, "more_body": False}
             # Streams wait here for the client to go away; aiohttp does not cancel handlers on disconnect.
-            while request.transport is not None and not request.transport.is_closing():
+            while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
                 await asyncio.sleep(0.25)
             return {"type": "http.disconnect"}
 

@@ -56,6 +56,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.host, self.port = split_listen(config.api.listen)
+        self.data_dir = str(Path(config.data_dir).resolve())
         if not config.auth.tokens and not is_loopback(self.host):
             raise ConfigError(
                 f"api.listen is {config.api.listen} but no [[auth.tokens]] are configured: "
@@ -112,7 +113,7 @@ class Daemon:
             impl=_fast.__impl__,
             listen=self.config.api.listen,
             admin_socket=str(self.config.admin_socket),
-            data_dir=str(Path(self.config.data_dir).resolve()),
+            data_dir=self.data_dir,
             resumed_runs=len(resumed),
             startup_s=round(time.perf_counter() - started, 3),
         )

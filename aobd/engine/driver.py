@@ -224,9 +224,11 @@ class Engine:
     async def drain(self, grace_s: float) -> bool:
         """Stop dispatching and wait up to ``grace_s`` for in-flight attempts; True if all finished in time."""
         self.draining = True
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while self.inflight() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        # Finishing attempts may spawn short follow-up tasks (their commits, wakes), so wait in rounds.
+        while (tasks := [t for slot in self._runs.values() for t in slot.tasks]) and loop.time() < deadline:
+            await asyncio.wait(tasks, timeout=deadline - loop.time())
         return self.inflight() == 0
 
     def active_runs(self) -> list[str]:

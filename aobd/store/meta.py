@@ -125,7 +125,9 @@ class SqliteMetaStore:
             ("INSERT OR REPLACE INTO workflow_tags VALUES (?, ?, 'latest', ?, ?)", (workspace, name, version, now)),
         ]
         if tag and tag != "latest":
-            statements.append(("INSERT OR REPLACE INTO workflow_tags VALUES (?, ?, ?, ?, ?)", (workspace, name, tag, version, now)))
+            statements.append(
+                ("INSERT OR REPLACE INTO workflow_tags VALUES (?, ?, ?, ?, ?)", (workspace, name, tag, version, now))
+            )
         await asyncio.to_thread(self._tx, statements)
 
     async def resolve_workflow(self, workspace: str, name: str, tag: str | None = None) -> WorkflowVersion | None:
@@ -151,7 +153,8 @@ class SqliteMetaStore:
             tags: dict[str, dict[str, str]] = {}
             updated: dict[str, float] = {}
             for name, tag, version, at in self._run(
-                "SELECT name, tag, version, updated_at FROM workflow_tags WHERE workspace = ? ORDER BY name", (workspace,)
+                "SELECT name, tag, version, updated_at FROM workflow_tags WHERE workspace = ? ORDER BY name",
+                (workspace,),
             ):
                 tags.setdefault(name, {})[tag] = version
                 updated[name] = max(updated.get(name, 0.0), at)
@@ -204,12 +207,16 @@ class SqliteMetaStore:
     async def flush_refs(self) -> None:
         batch, self._pending_refs = list(self._pending_refs), set()
         if batch:
-            await asyncio.to_thread(self._tx, [("INSERT OR IGNORE INTO cas_owners VALUES (?, ?)", row) for row in batch])
+            await asyncio.to_thread(
+                self._tx, [("INSERT OR IGNORE INTO cas_owners VALUES (?, ?)", row) for row in batch]
+            )
 
     async def owns_ref(self, workspace: str, ref: str) -> bool:
         if (ref, workspace) in self._pending_refs:
             return True
-        rows = await asyncio.to_thread(self._run, "SELECT 1 FROM cas_owners WHERE ref = ? AND workspace = ?", (ref, workspace))
+        rows = await asyncio.to_thread(
+            self._run, "SELECT 1 FROM cas_owners WHERE ref = ? AND workspace = ?", (ref, workspace)
+        )
         return bool(rows)
 
     async def close(self) -> None:

@@ -114,7 +114,9 @@ class Daemon:
             req.add_header(k, v)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return Reply(resp.status, _decode(resp.read(), resp.headers.get("content-type", "")), dict(resp.headers))
+                return Reply(
+                    resp.status, _decode(resp.read(), resp.headers.get("content-type", "")), dict(resp.headers)
+                )
         except urllib.error.HTTPError as err:
             payload = err.read()
             err.close()

@@ -33,7 +33,9 @@ GATED = {
     ],
     "edges": [{"from": "gate", "to": "after"}],
 }
-NEW_NODE = [{"op": "add", "path": "/nodes/-", "value": {"id": "x", "type": "function", "config": {"handler": "builtin:noop"}}}]
+NEW_NODE = [
+    {"op": "add", "path": "/nodes/-", "value": {"id": "x", "type": "function", "config": {"handler": "builtin:noop"}}}
+]
 
 #: op_id -> (path parameters by name -> key of the fixture objects, JSON body or None). None: not exercised.
 REQUESTS: dict[str, tuple[dict[str, str], Any] | None] = {
@@ -83,7 +85,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
     ticket = next(t["ticket"] for t in daemon.request("GET", "/v1/approvals", token=admin).body if t["run_id"] == run)
     events = daemon.request("GET", f"/v1/runs/{run}/events", token=admin).body
     blob = events[0]["base_ref"]
-    objects = {"workflow": "gated", "run": run, "cancel_run": cancel_run, "patch": patch, "ticket": ticket, "blob": blob}
+    objects = {
+        "workflow": "gated",
+        "run": run,
+        "cancel_run": cancel_run,
+        "patch": patch,
+        "ticket": ticket,
+        "blob": blob,
+    }
     yield daemon, objects
     assert daemon.stop() == 0
 
@@ -139,7 +148,7 @@ def test_another_workspace_never_sees_the_object(world: tuple[Daemon, dict[str, 
 
 
 def test_another_workspace_lists_nothing_of_ours(world: tuple[Daemon, dict[str, str]]) -> None:
-    daemon, objects = world
+    daemon, _ = world
     token = TOKENS[("other", "admin")]
     assert daemon.request("GET", "/v1/runs", token=token).body == []
     assert daemon.request("GET", "/v1/workflows", token=token).body == []

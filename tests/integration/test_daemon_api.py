@@ -32,7 +32,9 @@ def sleeper(name: str = "sleeper", ms: int = 50, n: int = 3) -> dict[str, Any]:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     base = tmp_path_factory.mktemp("daemon")
     config = base / "aobd.toml"
-    config.write_text("[api]\nmax_body_bytes = 65536\nheartbeat_s = 0.5\n[limits]\nrun_starts_per_s = 1000\nrun_starts_burst = 2000\n")
+    config.write_text(
+        "[api]\nmax_body_bytes = 65536\nheartbeat_s = 0.5\n[limits]\nrun_starts_per_s = 1000\nrun_starts_burst = 2000\n"
+    )
     d = Daemon(base / "data", free_port(), config=config).start()
     yield d
     assert d.stop() == 0, d.output()
@@ -92,8 +94,17 @@ def test_external_patch_approval_gate_and_double_decision(daemon: Daemon) -> Non
     patch = daemon.request(
         "POST",
         f"/v1/runs/{run_id}/patches",
-        {"ops": [{"op": "add", "path": "/nodes/-", "value": {"id": "audit", "type": "function", "config": {"handler": "builtin:noop"}}},
-                 {"op": "add", "path": "/edges/-", "value": {"from": "ship", "to": "audit"}}], "reason": "audit trail"},
+        {
+            "ops": [
+                {
+                    "op": "add",
+                    "path": "/nodes/-",
+                    "value": {"id": "audit", "type": "function", "config": {"handler": "builtin:noop"}},
+                },
+                {"op": "add", "path": "/edges/-", "value": {"from": "ship", "to": "audit"}},
+            ],
+            "reason": "audit trail",
+        },
     )
     assert patch.status == 201 and patch.body["status"] == "applied"
     tickets = daemon.request("GET", "/v1/approvals?status=pending").body
@@ -113,7 +124,14 @@ def test_external_patch_approval_gate_and_double_decision(daemon: Daemon) -> Non
         ("POST", "/v1/runs", b"{not json", 400, "bad_request", "not valid JSON"),
         ("POST", "/v1/runs", {"definition": {"name": "x"}, "inputs": {}, "colour": 1}, 400, "bad_request", "colour"),
         ("POST", "/v1/runs", {"inputs": {}}, 400, "bad_request", "exactly one"),
-        ("POST", "/v1/runs", {"definition": {"name": "x", "nodes": [{"id": "a", "type": "nope"}]}}, 422, "workflow_invalid", "/nodes/0/type"),
+        (
+            "POST",
+            "/v1/runs",
+            {"definition": {"name": "x", "nodes": [{"id": "a", "type": "nope"}]}},
+            422,
+            "workflow_invalid",
+            "/nodes/0/type",
+        ),
         ("POST", "/v1/runs", {"workflow": "never-registered"}, 404, "not_found", "never-registered"),
         ("GET", "/v1/runs/r-does-not-exist", None, 404, "not_found", "r-does-not-exist"),
         ("GET", "/v1/nothing-here", None, 404, "not_found", "/v1/nothing-here"),
@@ -154,8 +172,19 @@ def test_blob_of_a_node_output_is_served(daemon: Daemon) -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is needed to speak HTTP/2 prior knowledge")
 def test_http2_prior_knowledge(daemon: Daemon) -> None:
     out = subprocess.run(
-        ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", daemon.url + "/healthz"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "curl",
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            daemon.url + "/healthz",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.stdout.strip() == "2 200"
 
@@ -175,7 +204,8 @@ def test_sse_stream_over_the_daemon_resumes_with_last_event_id(daemon: Daemon) -
             if len(first_ids) == 3:
                 break
     req = urllib.request.Request(
-        daemon.url + f"/v1/runs/{run_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": str(first_ids[-1])}
+        daemon.url + f"/v1/runs/{run_id}/events",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": str(first_ids[-1])},
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         rest = [int(line.decode()[3:]) for line in resp if line.startswith(b"id:")]
@@ -187,7 +217,9 @@ def test_sse_stream_over_the_daemon_resumes_with_last_event_id(daemon: Daemon) -
 
 def test_drain_and_restart_lose_no_run(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "data", free_port()).start()
-    run_ids = [d.request("POST", "/v1/runs", {"definition": sleeper("drain", 150, 4)}).body["run_id"] for _ in range(20)]
+    run_ids = [
+        d.request("POST", "/v1/runs", {"definition": sleeper("drain", 150, 4)}).body["run_id"] for _ in range(20)
+    ]
     time.sleep(0.3)
     assert d.stop(signal.SIGTERM) == 0, d.output()
     assert "draining" in d.output()
