@@ -6,8 +6,13 @@
 ``inprocess`` drives the engine in this process on the embedded stores (SQLite with synchronous=FULL and the
 local CAS in a temporary data dir, unless ``--store memory``). Hop latency is the time from the end of one
 node's handler to the start of the next one's (s1->s2, s2->s3, s3->b1, s3->b2, b1->j / b2->j, whichever
-finished last), measured with perf_counter stamps taken inside the handlers. The ``http`` and ``cluster``
-modes come with the daemon and scale-out issues.
+finished last), measured with perf_counter stamps taken inside the handlers.
+
+``http`` starts ``aobd serve --single-process`` on a temporary data dir (or uses ``--url``) and keeps
+``--concurrency`` clients each starting a W6 run with ``POST /v1/runs?wait=60`` (the answer comes when the
+run finished) over keep-alive HTTP/1.1; latency is start-to-completion per run. Hops come from the events of a
+sample of runs (a node's start is its completion time minus its duration). The ``cluster`` mode comes with
+the scale-out issue.
 """
 
 from __future__ import annotations
@@ -105,6 +110,75 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     }
 
 
+async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path, fidelity: str) -> dict[str, Any]:
+    import aiohttp
+
+    from tests.integration.daemon import Daemon, free_port
+
+    daemon = None
+    if url is None:
+        config = data_dir.parent / "bench.toml"
+        config.write_text("[limits]\nrun_starts_per_s = 0\n")  # the benchmark measures the engine, not the limiter
+        daemon = Daemon(data_dir, free_port(), config=config)
+        await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
+        url = daemon.url
+    body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
+    latencies: list[float] = []
+    statuses: list[str] = []
+    run_ids: list[str] = []
+    try:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, headers={"content-type": "application/json"}) as http:
+            async with http.post(f"{url}/v1/runs?wait=60", data=body) as resp:  # warm-up
+                await resp.read()
+            queue = iter(range(runs))
+
+            async def client() -> None:
+                for _ in queue:
+                    t0 = time.perf_counter()
+                    async with http.post(f"{url}/v1/runs?wait=60", data=body) as resp:
+                        summary = await resp.json()
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
+                    ok = summary.get("status") == "completed" and summary.get("outputs") == {"x": 20}
+                    statuses.append("completed" if ok else str(summary.get("status") or summary))
+                    run_ids.append(summary.get("run_id", ""))
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+            hops: list[float] = []
+            for run_id in [r for r in run_ids if r][:: max(1, len(run_ids) // 200)]:
+                async with http.get(f"{url}/v1/runs/{run_id}/events") as resp:
+                    hops.extend(_event_hops(await resp.json()))
+    finally:
+        if daemon is not None:
+            await asyncio.to_thread(daemon.stop)
+    return {
+        "mode": "http",
+        "fidelity": fidelity,
+        "runs": runs,
+        "concurrency": concurrency,
+        "completed": statuses.count("completed"),
+        "seconds": round(elapsed, 3),
+        "workflows_per_s": round(runs / elapsed, 1),
+        "node_executions_per_s": round(6 * runs / elapsed, 1),
+        "run_latency_p50_ms": round(percentile(latencies, 0.5), 3),
+        "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
+        "hop_p50_ms": round(percentile(hops, 0.5), 3),
+        "hop_p99_ms": round(percentile(hops, 0.99), 3),
+        "peak_rss_mb": None,
+    }
+
+
+def _event_hops(events: list[dict[str, Any]]) -> list[float]:
+    done = {e["node_id"]: e for e in events if e["type"] == "NodeCompleted"}
+    start = {n: e["ts"] - e.get("duration_ms", 0.0) / 1000.0 for n, e in done.items()}
+    hops = [(start[b] - done[a]["ts"]) * 1000.0 for a, b in HOPS if a in done and b in start]
+    if {"b1", "b2", "j"} <= done.keys():
+        hops.append((start["j"] - max(done["b1"]["ts"], done["b2"]["ts"])) * 1000.0)
+    return hops
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.w6", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["inprocess", "http", "cluster"], default="inprocess")
@@ -113,17 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
     parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
     parser.add_argument("--data-dir", help="keep the stores here (default: a temporary directory)")
+    parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
-    if args.mode != "inprocess":
-        print(f"--mode {args.mode} needs the daemon; not available yet", file=sys.stderr)
+    if args.mode == "cluster":
+        print("--mode cluster needs the scale-out backends; not available yet", file=sys.stderr)
         return 2
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="aobd-w6-") as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
+            if args.mode == "http":
+                result = runner.run(run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity))
+            else:
+                result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
     if not args.json:
         for key, value in result.items():
             print(f"{key:>22}  {value}", file=sys.stderr)

@@ -299,8 +299,15 @@ async def get_workflow(api: Api, r: Request) -> Any:
 
 async def start_run(api: Api, r: Request) -> Any:
     body = r.decode(s.RunStart)
+    raw_wait = r.query.get("wait", "0")
+    try:
+        wait_s = float(raw_wait)
+    except ValueError:
+        wait_s = -1.0
+    if not 0 <= wait_s <= 300:
+        raise BadRequest(f"query parameter wait must be seconds from 0 to 300, not {raw_wait!r}")
     api.limiter.check(r.caller.workspace, "run_start")
-    return Response(await api.service.start_run(r.caller, body), 201)
+    return Response(await api.service.start_run(r.caller, body, wait_s=wait_s), 201)
 
 
 async def list_runs(api: Api, r: Request) -> Any:
@@ -477,7 +484,18 @@ ROUTES: tuple[Route, ...] = (
         s.WorkflowInfo,
         query=(("tag", str),),
     ),
-    Route("POST", "/v1/runs", start_run, "write", "startRun", "Start a run", s.RunStart, s.RunSummary, 201),
+    Route(
+        "POST",
+        "/v1/runs",
+        start_run,
+        "write",
+        "startRun",
+        "Start a run (with ?wait=SECONDS, answer when it finished or the wait is over)",
+        s.RunStart,
+        s.RunSummary,
+        201,
+        query=(("wait", float),),
+    ),
     Route(
         "GET",
         "/v1/runs",

@@ -7,6 +7,8 @@ otherwise (another workspace's objects are indistinguishable from missing ones, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -193,7 +195,7 @@ class Service:
 
     # ------------------------------------------------------------------ runs
 
-    async def start_run(self, caller: Caller, body: s.RunStart) -> dict[str, Any]:
+    async def start_run(self, caller: Caller, body: s.RunStart, *, wait_s: float = 0.0) -> dict[str, Any]:
         if self.draining:
             raise Unavailable("the daemon is draining; it accepts no new runs")
         if (body.workflow is None) == (body.definition is None):
@@ -218,6 +220,9 @@ class Service:
             if existing is not None:
                 return await self.get_run(caller, existing)
         await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace)
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self.engine.wait(run_id), wait_s)
         return (await self.engine.load(run_id)).summary()
 
     async def _machine(self, caller: Caller, run_id: str) -> RunMachine:
