@@ -449,6 +449,7 @@ async def admin_drain(api: Api, r: Request) -> Any:
     drain = r.scope.get("extensions", {}).get("aobd.drain")
     if drain is None:
         raise Unavailable("this server cannot drain itself")
+    api.service.draining = True  # refuse new runs from this moment, before the stop is even scheduled
     drain()
     return api.service.status(api.listen)
 
