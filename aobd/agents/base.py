@@ -15,7 +15,10 @@ class AgentAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
 
     output: Any = None
     patch: PatchProposal | None = None
+    #: Token usage as the provider reports it (prompt_tokens, completion_tokens, total_tokens).
     usage: dict[str, Any] | None = None
+    #: The raw exchange (request and response JSON, never credentials), stored in the CAS by the engine.
+    exchange: bytes | None = None
 
 
 def parse_answer(raw: Any, *, author: str, base: str | None) -> AgentAnswer:

@@ -129,7 +129,12 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     script: list[ScriptedAnswer] | None = None
     base_url: str | None = None
     model: str | None = None
+    #: Name of the environment variable holding the API key (the key itself never appears in a workflow).
     api_key_env: str | None = None
+    #: Or a file holding the key (a mounted secret), read when the node runs.
+    api_key_file: str | None = None
+    #: Per-request timeout (the node's timeout_ms bounds the whole attempt, retries included).
+    request_timeout_ms: int | None = None
     prompt: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
