@@ -33,6 +33,7 @@ from aobd.errors import (
     Unavailable,
     WorkflowInvalid,
 )
+from aobd.model.canonical import canonical_json
 
 log = structlog.get_logger("aobd.api")
 
@@ -75,11 +76,19 @@ class Request:
         if not self.body:
             raise BadRequest("this operation needs a JSON request body")
         try:
-            return msgspec.json.decode(self.body, type=kind)
+            value = msgspec.json.decode(self.body, type=kind)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid request body: {exc}", details=[{"problem": str(exc)}]) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+        try:
+            # The engine stores canonical JSON (orjson): integers within 64 bits, nesting under 255 levels.
+            canonical_json(msgspec.to_builtins(value))
+        except (TypeError, RecursionError) as exc:
+            raise BadRequest(f"request body cannot be stored as canonical JSON: {exc}") from None
+        return value
 
 
 @dataclass(slots=True)
@@ -276,13 +285,21 @@ def _status_of(exc: AobdError) -> int:
 # ---------------------------------------------------------------------------------------------- handlers
 
 
+def _uint(raw: str, most: int) -> int | None:
+    """``raw`` as an integer from 0 to ``most``, or None (ASCII digits only: ``"²".isdigit()`` is true)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(most)) or int(raw) > most:
+        return None
+    return int(raw)
+
+
 def _limit(request: Request, default: int = 100, most: int = 10_000) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    value = _uint(raw, most)
+    if value is None or value < 1:
         raise BadRequest(f"query parameter limit must be an integer from 1 to {most}, not {raw!r}")
-    return int(raw)
+    return value
 
 
 async def put_workflow(api: Api, r: Request) -> Any:
@@ -325,7 +342,7 @@ async def run_events(api: Api, r: Request) -> Any:
     run_id = r.params["id"]
     accept = r.header("accept") or ""
     after = r.header("last-event-id") or r.query.get("after") or "0"
-    if not after.isdigit():
+    if _uint(after, s.MAX_SEQ) is None:
         raise BadRequest(f"Last-Event-ID / after must be an event seq, not {after!r}")
     if "text/event-stream" not in accept:
         return await api.service.events(r.caller, run_id, int(after))
@@ -359,7 +376,7 @@ async def run_ws(api: Api, r: Request) -> Any:
         log=api.service.log,
         hub=api.hub,
         run_id=run_id,
-        after_seq=int(after) if after.isdigit() else 0,
+        after_seq=_uint(after, s.MAX_SEQ) or 0,
         node=r.query.get("node"),
         heartbeat_s=api.config.api.heartbeat_s,
     )
@@ -372,9 +389,9 @@ async def cancel_run(api: Api, r: Request) -> Any:
 
 
 async def replay_run(api: Api, r: Request) -> Any:
-    r.decode(s.ReplayRequest)
-    await api.service.check_run(r.caller, r.params["id"])
-    raise BadRequest("replay is not supported by this daemon yet")
+    body = r.decode(s.ReplayRequest)
+    api.limiter.check(r.caller.workspace, "run_start")
+    return Response(await api.service.replay(r.caller, r.params["id"], body.from_, body.mode), 201)
 
 
 async def propose_patch(api: Api, r: Request) -> Any:

@@ -319,7 +319,8 @@ class EventLines:
         version = short_version(e.get("version"))
         attempt = e.get("attempt", 1)
         if kind == "RunCreated":
-            parent = f" (replay of {e['parent_run_id']} from {e.get('replay_from')})" if e.get("parent_run_id") else ""
+            origin = (e.get("replay") or {}).get("from_node")
+            parent = f" (replay of {e['parent_run_id']} from {origin})" if e.get("parent_run_id") else ""
             return c("bold", f"run {e.get('run_id')} of {e.get('workflow')!r} started{parent}") + c(
                 "dim", f"  base {short_version(e.get('base_version'))}"
             )

@@ -200,8 +200,6 @@ class Service:
             raise Unavailable("the daemon is draining; it accepts no new runs")
         if (body.workflow is None) == (body.definition is None):
             raise BadRequest("give exactly one of 'workflow' (a registered name) or 'definition' (a document)")
-        if body.patch_set:
-            raise BadRequest("patch_set (A/B runs of earlier patches) is not supported by this daemon yet")
         if body.definition is not None:
             document = body.definition
         else:
@@ -219,11 +217,35 @@ class Service:
             existing = await self.meta.claim_idempotency(caller.workspace, body.idempotency_key, run_id)
             if existing is not None:
                 return await self.get_run(caller, existing)
-        await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace)
+        overlays = await self._patch_set(caller, body.patch_set or [], document)
+        await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace, overlays=overlays)
         if wait_s > 0:
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(self.engine.wait(run_id), wait_s)
         return (await self.engine.load(run_id)).summary()
+
+    async def _patch_set(self, caller: Caller, patch_ids: list[str], document: dict[str, Any]) -> list[PatchProposal]:
+        """A/B: earlier patches (from any run of the same workflow in this workspace) to start a run with."""
+        overlays = []
+        for patch_id in patch_ids:
+            machine = await self._machine(caller, self.run_of_patch(patch_id))
+            record = machine.patches.get(patch_id)
+            if record is None:
+                raise NotFound(f"no patch {patch_id!r}")
+            if machine.workflow_name != document.get("name"):
+                raise BadRequest(
+                    f"patch {patch_id} belongs to a run of workflow {machine.workflow_name!r}, "
+                    f"not {document.get('name')!r}"
+                )
+            overlays.append(PatchProposal(ops=record.ops, author=record.author, reason=f"patch set: {patch_id}"))
+        return overlays
+
+    async def replay(self, caller: Caller, run_id: str, from_node: str, mode: str) -> dict[str, Any]:
+        if self.draining:
+            raise Unavailable("the daemon is draining; it accepts no new runs")
+        await self.check_run(caller, run_id)
+        new_id = await self.engine.replay(run_id, from_node, mode)
+        return (await self.engine.load(new_id)).summary()
 
     async def _machine(self, caller: Caller, run_id: str) -> RunMachine:
         info = await self.log.get_run(run_id)

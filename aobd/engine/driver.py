@@ -101,9 +101,15 @@ class Engine:
         parent_run_id: str | None = None,
         parent_node_id: str | None = None,
         source_dir: str | None = None,
+        overlays: list[PatchProposal] | None = None,
+        replay: ev.ReplayPlan | None = None,
+        known_outputs: dict[str, Any] | None = None,
     ) -> str:
-        """Validate, record RunCreated and start the source nodes. Returns the run id."""
+        """Validate, record RunCreated (and any overlay patches) and start the source nodes. Returns the run id."""
         run_id = run_id or new_run_id()
+        url_check: Callable[[str], list[str]] = _no_verdicts
+        if overlays:
+            url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
         machine, step = RunMachine.start(
             run_id,
             document,
@@ -115,6 +121,10 @@ class Engine:
             parent_node_id=parent_node_id,
             source_dir=source_dir,
             ir_cache=self.ir_cache,
+            overlays=overlays or (),
+            replay=replay,
+            known_outputs=known_outputs,
+            url_check=url_check,
         )
         slot = _RunSlot(machine)
         self._runs[run_id] = slot
@@ -170,6 +180,46 @@ class Engine:
         for run_id in ids:
             await self.resume(run_id)
         return ids
+
+    async def replay(self, run_id: str, from_node: str, mode: str = "freeze") -> str:
+        """A new run linked to ``run_id``: nodes not downstream of ``from_node`` reuse their recorded outputs,
+        ``from_node`` and everything after it run again; ``freeze`` also replays recorded agent answers whose
+        inputs are unchanged. The source run's applied patches come along as overlays."""
+        if mode not in ("freeze", "live"):
+            raise AobdError(f"replay mode must be 'freeze' or 'live', not {mode!r}")
+        source = await self.load(run_id)
+        if from_node not in source.ir.index:
+            raise NotFound(f"run {run_id} has no node {from_node!r} to replay from")
+        rerun = descendants(source, from_node)
+        reuse: dict[str, str] = {}
+        frozen: dict[str, list[str]] = {}
+        known: dict[str, Any] = {}
+        for nid, node in source.nodes.items():
+            if node.status != "completed" or node.output_ref is None:
+                continue
+            if nid not in rerun:
+                reuse[nid] = node.output_ref
+            elif mode == "freeze" and node.inputs_ref and source.ir.nodes[source.ir.index[nid]].type == "agent":
+                frozen[nid] = [node.inputs_ref, node.output_ref]
+            else:
+                continue
+            known[node.output_ref] = node.output
+        overlays = [
+            PatchProposal(ops=p.ops, author=p.author, reason=p.reason or f"overlay from {run_id}")
+            for p in source.patches.values()
+            if p.status == "applied"
+        ]
+        plan = ev.ReplayPlan(source_run=run_id, from_node=from_node, mode=mode, reuse=reuse, frozen=frozen)
+        return await self.start_run(
+            source.base_doc,
+            source.inputs,
+            workspace=source.workspace,
+            parent_run_id=run_id,
+            source_dir=source.created.source_dir,
+            overlays=overlays,
+            replay=plan,
+            known_outputs=known,
+        )
 
     async def propose_patch(self, run_id: str, proposal: PatchProposal) -> str:
         slot = self._owned(run_id)
@@ -254,6 +304,11 @@ class Engine:
         for e in events:
             if isinstance(e, ev.NodeCompleted) and not e.inline:
                 blobs[e.output_ref] = orjson.loads(await self.cas.get(e.output_ref))
+        if created.replay is not None:
+            # A resumed replay still needs the recorded outputs it may reuse.
+            refs = set(created.replay.reuse.values()) | {pair[1] for pair in created.replay.frozen.values()}
+            for ref in refs - blobs.keys():
+                blobs[ref] = orjson.loads(await self.cas.get(ref))
         return RunMachine.from_events(events, base_doc, blobs, ir_cache=self.ir_cache)
 
     async def _persist(self, slot: _RunSlot, step: Step, *, first: bool = False) -> None:
@@ -487,6 +542,20 @@ class Engine:
                 retryable=False,
             )
         return summary["outputs"]
+
+
+def descendants(machine: RunMachine, node_id: str) -> set[str]:
+    """``node_id`` and every node reachable from it in the machine's current graph."""
+    ir = machine.ir
+    seen = {ir.index[node_id]}
+    stack = [ir.index[node_id]]
+    while stack:
+        for edge in ir.out_edges(stack.pop()):
+            target = ir.out_targets[edge]
+            if target not in seen:
+                seen.add(target)
+                stack.append(target)
+    return {ir.node_ids[i] for i in seen}
 
 
 def _no_verdicts(url: str) -> list[str]:

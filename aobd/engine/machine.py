@@ -142,8 +142,18 @@ class RunMachine:
         parent_node_id: str | None = None,
         source_dir: str | None = None,
         ir_cache: IRCache | None = None,
+        overlays: Sequence[PatchProposal] = (),
+        replay: ev.ReplayPlan | None = None,
+        known_outputs: Mapping[str, Any] | None = None,
+        url_check: UrlCheck | None = None,
     ) -> tuple[RunMachine, Step]:
-        """Create a run: RunCreated plus the scheduling of its source nodes."""
+        """Create a run: RunCreated, the overlay patches it starts with, and the scheduling of its sources.
+
+        Args:
+            overlays: patches applied before anything runs (A/B patch sets, a replayed run's patches), each
+                judged by the same rules as any patch.
+            replay: what a replay reuses from its source run; ``known_outputs`` maps the plan's refs to values.
+        """
         base_bytes = canonical_json(document)
         base_ref = sha256_ref(base_bytes)
         cache = ir_cache or _shared_ir_cache
@@ -165,11 +175,16 @@ class RunMachine:
             parent_node_id=parent_node_id,
             fidelity=fidelity,
             source_dir=source_dir,
+            replay=replay,
         )
         machine = cls(created, document, ir_cache=cache)
         machine.seq = 1
+        machine._blobs = dict(known_outputs or {})
         step = Step(events=[created], blobs={base_ref: base_bytes, inputs_ref: inputs_bytes})
-        ready = machine.router.start()
+        for overlay in overlays:
+            machine._propose(step, overlay, now, node_id=None, url_check=url_check or _no_url_check)
+        # An applied overlay rebuilt the router, which then already holds the sources as READY.
+        ready = machine.router.start() or [i for i, s in enumerate(machine.router.statuses()) if s == READY]
         machine._schedule(step, ready, now)
         machine._maybe_finish(step, now)
         return machine, step
@@ -434,6 +449,8 @@ class RunMachine:
             self._emit(step, ev.NodeScheduled(**self._next(), ts=now, node_id=node_id, attempt=attempt))
             self._fail_node(step, node_id, attempt, {"code": "binding_error", "message": exc.message}, False, now, 0.0)
             return
+        if self._replayed(step, node_id, attempt, inputs, now):
+            return
         if self.fidelity == "full" or spec.type in ("timer", "approval"):
             self._emit(step, ev.NodeScheduled(**self._next(), ts=now, node_id=node_id, attempt=attempt))
             inputs_bytes = canonical_json(inputs)
@@ -472,6 +489,41 @@ class RunMachine:
                 step.effects.append(Wake(deadline, "approval", node_id))
         else:
             step.effects.append(Dispatch(node_id, attempt, spec, inputs, self.ir.timeout_s[idx]))
+
+    def _replayed(self, step: Step, node_id: str, attempt: int, inputs: dict[str, Any], now: float) -> bool:
+        """In a replay, complete a node from its source run's record instead of running it, when the plan
+        says so: nodes not downstream of the replay point, and (freeze) agents whose inputs are unchanged."""
+        plan = self.created.replay
+        if plan is None or attempt != 1:
+            return False
+        ref = plan.reuse.get(node_id)
+        if ref is None and node_id in plan.frozen:
+            recorded_inputs, recorded_output = plan.frozen[node_id]
+            if sha256_ref(canonical_json(inputs)) == recorded_inputs:
+                ref = recorded_output
+        if ref is None or ref not in self._blobs:
+            return False
+        output = self._blobs[ref]
+        node = self.nodes[node_id]
+        node.status = "running"
+        node.attempts = 1
+        inline = len(canonical_json(output)) <= ev.INLINE_OUTPUT_MAX
+        routed = self._emit(
+            step,
+            ev.NodeCompleted(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                attempt=1,
+                output_ref=ref,
+                node_type=self._type_of(node_id),
+                output=output if inline else None,
+                inline=inline,
+                reused_from=plan.source_run,
+            ),
+        )
+        self._after_routing(step, routed, now)
+        return True
 
     @staticmethod
     def _timer_deadline(config: Mapping[str, Any], now: float) -> float:

@@ -14,6 +14,19 @@ from typing import Any
 import msgspec
 
 
+class ReplayPlan(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a replay reuses from its source run (refs only; the values are in the CAS)."""
+
+    source_run: str
+    from_node: str
+    mode: str  # "freeze" | "live"
+    #: Nodes not downstream of ``from_node``: node id -> recorded output ref, reused without executing.
+    reuse: dict[str, str] = msgspec.field(default_factory=dict)
+    #: freeze mode: agents downstream, node id -> [recorded inputs ref, recorded output ref]; the recorded answer
+    #: is replayed when the agent's inputs hash to the same ref.
+    frozen: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
 class Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
     run_id: str
     seq: int
@@ -28,10 +41,9 @@ class RunCreated(Event, tag="RunCreated"):
     inputs_ref: str
     inputs: Any = None
     workspace: str = "default"
-    #: Replays and forks: the run this one was derived from, the node it restarts from, and the mode.
+    #: Replays: the run this one was derived from (composite children: the parent run, with parent_node_id).
     parent_run_id: str | None = None
-    replay_from: str | None = None
-    replay_mode: str | None = None
+    replay: ReplayPlan | None = None
     #: Composite children: the parent run's node that started this run.
     parent_node_id: str | None = None
     fidelity: str = "full"
