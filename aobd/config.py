@@ -73,6 +73,21 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_level: str = "info"
 
 
+class ApprovalsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Webhooks that approval escalations name in ``notify`` (name -> URL; the SSRF guard applies).
+    webhooks: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class WorkspacePolicyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Patch governance for every run of a workspace; merged with each workflow's policy, the stricter wins."""
+
+    patches: Literal["auto", "approve", "deny"] = "auto"
+    max_spawned_nodes: int | None = None
+    max_patches: int | None = None
+    allowed_node_types: list[str] | None = None
+    max_agent_depth: int | None = None
+
+
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: "full" records every event; "fast" leaves out NodeScheduled/NodeStarted (env AOBD_FIDELITY).
     fidelity: Literal["full", "fast"] = "full"
@@ -90,6 +105,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    approvals: ApprovalsConfig = msgspec.field(default_factory=ApprovalsConfig)
+    #: Per-workspace patch governance: ``[workspaces.acme] patches = "approve"``.
+    workspaces: dict[str, WorkspacePolicyConfig] = msgspec.field(default_factory=dict)
+
+    def workspace_policy(self, workspace: str) -> dict[str, Any] | None:
+        policy = self.workspaces.get(workspace)
+        return None if policy is None else {k: v for k, v in msgspec.to_builtins(policy).items() if v is not None}
 
     @property
     def data_path(self) -> Path:

@@ -91,6 +91,8 @@ class Service:
             fidelity=config.engine.fidelity,
             max_inflight=config.engine.max_inflight,
             workflow_resolver=self._resolve_workflow,
+            webhooks=dict(config.approvals.webhooks),
+            workspace_policy=config.workspace_policy,
         )
         self._workspace_of: dict[str, str] = {}
         self._approvals: dict[str, _Approval] = {}

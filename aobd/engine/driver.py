@@ -68,6 +68,8 @@ class Engine:
         http_allow: list[str] | None = None,
         workflow_resolver: WorkflowResolver | None = None,
         max_inflight: int = 10_000,
+        webhooks: dict[str, str] | None = None,
+        workspace_policy: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.log = log
         self.cas = cas
@@ -76,6 +78,10 @@ class Engine:
         self.fidelity = fidelity
         self.executors = executors if executors is not None else default_executors()
         self.workflow_resolver = workflow_resolver
+        #: Named webhook URLs that approval escalations notify (config ``approvals.webhooks``).
+        self.webhooks = dict(webhooks or {})
+        #: Per-workspace patch governance, merged into each new run's policy (the stricter wins).
+        self.workspace_policy = workspace_policy
         self.listeners: list[Listener] = []
         self.ir_cache = IRCache()
         self._http_allow = list(http_allow or [])
@@ -104,6 +110,7 @@ class Engine:
         overlays: list[PatchProposal] | None = None,
         replay: ev.ReplayPlan | None = None,
         known_outputs: dict[str, Any] | None = None,
+        workspace_policy: dict[str, Any] | None = None,
     ) -> str:
         """Validate, record RunCreated (and any overlay patches) and start the source nodes. Returns the run id."""
         run_id = run_id or new_run_id()
@@ -125,6 +132,9 @@ class Engine:
             replay=replay,
             known_outputs=known_outputs,
             url_check=url_check,
+            workspace_policy=workspace_policy
+            if workspace_policy is not None
+            else (self.workspace_policy(workspace) if self.workspace_policy else None),
         )
         slot = _RunSlot(machine)
         self._runs[run_id] = slot
@@ -219,6 +229,7 @@ class Engine:
             overlays=overlays,
             replay=plan,
             known_outputs=known,
+            workspace_policy=source.created.workspace_policy or {},
         )
 
     async def propose_patch(self, run_id: str, proposal: PatchProposal) -> str:
@@ -383,8 +394,54 @@ class Engine:
         if self.clock() < wake.at:
             self._arm(slot, wake)
             return
+        if wake.kind == "escalation":
+            await self._escalate(slot, wake)
+            return
         async with slot.lock:
             await self._commit(slot, slot.machine.wake(wake.kind, wake.node_id, wake.attempt, self.clock()))
+
+    async def _escalate(self, slot: _RunSlot, wake: Wake) -> None:
+        """An approval escalation step: notify its webhook (outside the run's lock), then record it."""
+        async with slot.lock:
+            spec = slot.machine.escalation_due(wake.node_id, wake.attempt, self.clock())
+        if spec is None:
+            return
+        result = None
+        if spec.get("notify"):
+            result = await self._notify(slot.machine, wake.node_id, wake.attempt, spec["notify"])
+        async with slot.lock:
+            await self._commit(slot, slot.machine.escalate(wake.node_id, wake.attempt, self.clock(), result=result))
+
+    async def _notify(self, machine: RunMachine, node_id: str, index: int, target: str) -> str:
+        url = self.webhooks.get(target) or (target if target.startswith(("http://", "https://")) else None)
+        if url is None:
+            return f"not sent: no webhook named {target!r} in approvals.webhooks"
+        node = machine.nodes[node_id]
+        payload = {
+            "event": "approval.escalated",
+            "run_id": machine.run_id,
+            "workflow": machine.workflow_name,
+            "node_id": node_id,
+            "ticket": node.ticket,
+            "step": index,
+            "assignees": machine.ir.nodes[machine.ir.index[node_id]].config.get("assignees", []),
+            "deadline": node.wake_at,
+        }
+        ctx = NodeContext(
+            machine.run_id, node_id, 1, f"{machine.run_id}:{node_id}:escalation:{index}", 10.0, machine.workspace
+        )
+        run_http = await self._http_executor()
+        from aobd.model.workflow import Node
+
+        request = Node(id=node_id, type="http", config={"method": "POST", "url": url, "body": payload})
+        try:
+            async with asyncio.timeout(10.0):
+                response = await run_http(request, {}, ctx)
+        except NodeError as exc:
+            return f"failed: {exc.message}"
+        except TimeoutError:
+            return "failed: the webhook did not answer within 10s"
+        return f"sent: HTTP {response['status']}"
 
     async def _execute(self, slot: _RunSlot, job: Dispatch) -> None:
         machine = slot.machine

@@ -28,7 +28,7 @@ from aobd.model.expr import compile_expr, evaluate, truthy
 from aobd.model.ir import IR, IRCache
 from aobd.model.patch import Judgement, PatchProposal, RunFacts, judge_patch, materialize
 from aobd.model.validate import load_workflow
-from aobd.model.workflow import Retry, parse_duration_ms
+from aobd.model.workflow import Policy, Retry, parse_duration_ms
 
 from .effects import Dispatch, Finished, Step, Wake
 
@@ -64,6 +64,9 @@ class NodeRun:
     wake_at: float | None = None
     ticket: str | None = None
     decision: dict[str, Any] | None = None
+    requested_at: float | None = None
+    #: Escalation steps already taken (indexes into config.escalation).
+    escalated: set[int] = field(default_factory=set)
     reused_from: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -146,6 +149,7 @@ class RunMachine:
         replay: ev.ReplayPlan | None = None,
         known_outputs: Mapping[str, Any] | None = None,
         url_check: UrlCheck | None = None,
+        workspace_policy: Mapping[str, Any] | None = None,
     ) -> tuple[RunMachine, Step]:
         """Create a run: RunCreated, the overlay patches it starts with, and the scheduling of its sources.
 
@@ -176,6 +180,7 @@ class RunMachine:
             fidelity=fidelity,
             source_dir=source_dir,
             replay=replay,
+            workspace_policy=dict(workspace_policy) if workspace_policy else None,
         )
         machine = cls(created, document, ir_cache=cache)
         machine.seq = 1
@@ -331,6 +336,10 @@ class RunMachine:
         node.status = "waiting"
         node.ticket = e.ticket
         node.wake_at = e.deadline
+        node.requested_at = e.ts
+
+    def _on_approval_escalated(self, e: ev.ApprovalEscalated) -> None:
+        self.nodes[e.node_id].escalated.add(e.step)
 
     def _on_approval_decided(self, e: ev.ApprovalDecided) -> None:
         self.nodes[e.node_id].decision = {
@@ -487,6 +496,10 @@ class RunMachine:
             )
             if deadline is not None:
                 step.effects.append(Wake(deadline, "approval", node_id))
+            for index, escalation in enumerate(spec.config.get("escalation", [])):
+                step.effects.append(
+                    Wake(now + parse_duration_ms(escalation["after"]) / 1000.0, "escalation", node_id, index)
+                )
         else:
             step.effects.append(Dispatch(node_id, attempt, spec, inputs, self.ir.timeout_s[idx]))
 
@@ -726,9 +739,52 @@ class RunMachine:
         )
         step.effects.append(Finished("failed"))
 
+    def escalation_due(self, node_id: str, index: int, now: float) -> dict[str, Any] | None:
+        """The escalation step to take now, or None (decided, already taken, not yet due, stale)."""
+        node = self.nodes.get(node_id)
+        if self.status != "running" or node is None or node.status != "waiting" or node.ticket is None:
+            return None
+        if node.decision is not None or index in node.escalated or node.requested_at is None:
+            return None
+        chain = self.ir.nodes[self.ir.index[node_id]].config.get("escalation", [])
+        if index >= len(chain) or now < node.requested_at + parse_duration_ms(chain[index]["after"]) / 1000.0:
+            return None
+        return dict(chain[index])
+
+    def escalate(self, node_id: str, index: int, now: float, *, result: str | None = None) -> Step:
+        """Record an escalation step (``result`` says how its notification went) and apply its decision."""
+        step = Step()
+        spec = self.escalation_due(node_id, index, now)
+        if spec is None:
+            return step
+        ticket = self.nodes[node_id].ticket
+        assert ticket is not None
+        decision = spec.get("decision")
+        self._emit(
+            step,
+            ev.ApprovalEscalated(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                ticket=ticket,
+                step=index,
+                notify=spec.get("notify"),
+                result=result,
+                decision=decision,
+            ),
+        )
+        if decision:
+            decided = self.decide_approval(ticket, decision, "system:escalation", f"escalation step {index + 1}", now)
+            step.events += decided.events
+            step.blobs.update(decided.blobs)
+            step.effects += decided.effects
+        return step
+
     def wake(self, kind: str, node_id: str, attempt: int, now: float) -> Step:
         """A Wake effect came due. Early or stale wakes are ignored: timers fire once and never early."""
         step = Step()
+        if kind == "escalation":
+            return self.escalate(node_id, attempt, now)
         node = self.nodes.get(node_id)
         if self.status != "running" or node is None or node.wake_at is None or now < node.wake_at:
             return step
@@ -821,7 +877,7 @@ class RunMachine:
 
     def _facts(self, proposer: str | None) -> RunFacts:
         return RunFacts(
-            policy=self.ir.workflow.policy,
+            policy=merge_policy(self.ir.workflow.policy, self.created.workspace_policy),
             node_status={nid: n.status for nid, n in self.nodes.items()},
             spawned_nodes=self.spawned_nodes,
             applied_patches=sum(1 for p in self.patches.values() if p.status == "applied"),
@@ -953,9 +1009,14 @@ class RunMachine:
                 step.effects.append(Dispatch(nid, node.attempts, self.ir.nodes[idx], inputs, self.ir.timeout_s[idx]))
             elif node.status == "retrying" and node.wake_at is not None:
                 step.effects.append(Wake(node.wake_at, "retry", nid, node.attempts + 1))
-            elif node.status == "waiting" and node.wake_at is not None:
-                kind = "timer" if self.ir.nodes[self.ir.index[nid]].type == "timer" else "approval"
-                step.effects.append(Wake(node.wake_at, kind, nid))
+            elif node.status == "waiting":
+                spec = self.ir.nodes[self.ir.index[nid]]
+                if node.wake_at is not None:
+                    step.effects.append(Wake(node.wake_at, "timer" if spec.type == "timer" else "approval", nid))
+                for index, escalation in enumerate(spec.config.get("escalation", [])):
+                    if index not in node.escalated and node.requested_at is not None:
+                        at = node.requested_at + parse_duration_ms(escalation["after"]) / 1000.0
+                        step.effects.append(Wake(at, "escalation", nid, index))
         # Nodes the router holds READY but that never got an attempt (fast-path mode, or a crash between a
         # routing decision and its scheduling) are started now.
         statuses = self.router.statuses()
@@ -1008,6 +1069,26 @@ class RunMachine:
         return "running"
 
 
+_STRICTNESS = {"auto": 0, "approve": 1, "deny": 2}
+
+
+def merge_policy(workflow: Policy, workspace: Mapping[str, Any] | None) -> Policy:
+    """The stricter of a workflow's patch policy and its workspace's: a workspace can tighten, never loosen."""
+    if not workspace:
+        return workflow
+    mode = workspace.get("patches", "auto")
+    types = workspace.get("allowed_node_types")
+    return Policy(
+        patches=max(workflow.patches, mode, key=_STRICTNESS.__getitem__),
+        max_spawned_nodes=min(
+            workflow.max_spawned_nodes, workspace.get("max_spawned_nodes", workflow.max_spawned_nodes)
+        ),
+        max_patches=min(workflow.max_patches, workspace.get("max_patches", workflow.max_patches)),
+        allowed_node_types=[t for t in workflow.allowed_node_types if types is None or t in types],
+        max_agent_depth=min(workflow.max_agent_depth, workspace.get("max_agent_depth", workflow.max_agent_depth)),
+    )
+
+
 def backoff_s(retry: Retry, attempt: int, rand: float) -> float:
     """Delay before attempt ``attempt + 1``: exponential from ``initial_ms``, capped at ``max_ms``, with jitter.
 
@@ -1030,6 +1111,7 @@ _FOLD: dict[type, Callable[[RunMachine, Any], None]] = {
     ev.PatchRolledBack: RunMachine._on_patch_rolled_back,
     ev.ApprovalRequested: RunMachine._on_approval_requested,
     ev.ApprovalDecided: RunMachine._on_approval_decided,
+    ev.ApprovalEscalated: RunMachine._on_approval_escalated,
     ev.TimerSet: RunMachine._on_timer_set,
     ev.RunCompleted: RunMachine._on_run_completed,
     ev.RunFailed: RunMachine._on_run_failed,

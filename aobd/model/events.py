@@ -41,6 +41,9 @@ class RunCreated(Event, tag="RunCreated"):
     inputs_ref: str
     inputs: Any = None
     workspace: str = "default"
+    #: The workspace's patch governance at creation (merged with the workflow's policy, the stricter wins);
+    #: recorded so that recovery and replays judge patches exactly as the run did.
+    workspace_policy: dict[str, Any] | None = None
     #: Replays: the run this one was derived from (composite children: the parent run, with parent_node_id).
     parent_run_id: str | None = None
     replay: ReplayPlan | None = None
@@ -140,6 +143,17 @@ class ApprovalDecided(Event, tag="ApprovalDecided"):
     reason: str = ""
 
 
+class ApprovalEscalated(Event, tag="ApprovalEscalated"):
+    """One step of an approval's escalation chain ran: who was notified (and how that went), what was decided."""
+
+    node_id: str
+    ticket: str
+    step: int
+    notify: str | None = None
+    result: str | None = None
+    decision: str | None = None
+
+
 class TimerSet(Event, tag="TimerSet"):
     node_id: str
     fire_at: float
@@ -177,6 +191,7 @@ AnyEvent = (
     | PatchRolledBack
     | ApprovalRequested
     | ApprovalDecided
+    | ApprovalEscalated
     | TimerSet
     | TimerFired
     | RunCompleted
