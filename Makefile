@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-built
 SOURCES := $(shell find aobd -name '*.py' -o -name '*.pyx' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: run test lint typecheck unit test-python test-c build bench clean
+.PHONY: run test lint typecheck test-python test-c build bench clean promtool
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,19 @@ test-python: build
 test-c: build
 	AOBD_IMPL=c $(PY) -m pytest -q -p no:cacheprovider tests
 
-test: build lint typecheck test-python test-c
+# promtool checks the /metrics exposition in the test suite (Debian package "prometheus").
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "installing promtool (Debian package prometheus)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+		|| echo "warning: could not install promtool; its test fails under AOBD_REQUIRE_SERVICES=1"; }
+
+test: build promtool lint typecheck test-python test-c
 
 bench: build
-	$(PY) -m perf.bench_fast
+	$(PY) -m perf.bench_patch
+	$(PY) -m perf.bench_routing
+	$(PY) -m perf.bench_store
 	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
 
 clean:
