@@ -191,7 +191,8 @@ class Api:
                 request.body = await self._read_body(scope, receive)
             result = await route.handler(self, request)
             if result is STREAMED:
-                status = 200
+                # A stream's lifetime is not a request latency: keep it out of the latency histogram.
+                status, started = 200, -1.0
                 return
             response = result if isinstance(result, Response) else Response(result, route.status)
             status = response.status
@@ -207,7 +208,7 @@ class Api:
             status = 500
             await self._send_error(scope, send, AobdError("internal error; see the daemon log"), 500)
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None and started >= 0:
                 self.metrics.observe_request(
                     route.op_id if route else "unmatched", method, status, time.perf_counter() - started
                 )

@@ -22,9 +22,19 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aobd", description="aobd: workflow orchestration for agentic workflows")
-    parser.add_argument("--config", help="TOML config file (env AOBD_CONFIG)")
+    # --config is accepted before or after the command (`aobd --config F serve`, `aobd serve --config F`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (env AOBD_CONFIG)")
+    parser = argparse.ArgumentParser(
+        prog="aobd", description="aobd: workflow orchestration for agentic workflows", parents=[common]
+    )
     sub = parser.add_subparsers(dest="command")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     serve = sub.add_parser("serve", help="run the daemon (the default command)")
     serve.add_argument("--single-process", action="store_true", help="everything in one process (development, tests)")
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def config_path(args: argparse.Namespace) -> str | None:
     """--config, else $AOBD_CONFIG, else none (embedded defaults)."""
-    return args.config or os.environ.get("AOBD_CONFIG") or None
+    return getattr(args, "config", None) or os.environ.get("AOBD_CONFIG") or None
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:

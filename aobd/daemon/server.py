@@ -13,6 +13,7 @@ process groups; the Service, Api and AdminServer seams stay as they are.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import ipaddress
 import signal
 import time
@@ -69,7 +70,8 @@ class Daemon:
         self.metrics.track_subscribers(self.hub.subscriber_count)
         self.metrics.queue_depth.set_function(self.service.engine.inflight)
         self.service.engine.listeners.append(self.hub.publish)
-        self.service.engine.listeners.append(MetricsListener(self.metrics))
+        self.metrics_listener = MetricsListener(self.metrics)
+        self.service.engine.listeners.append(self.metrics_listener)
         self.api = Api(self.service, listen=config.api.listen, hub=self.hub, metrics=self.metrics)
         self.admin = AdminServer(self.api, config.admin_socket, drain=self.request_stop)
         self.notifier = Notifier()
@@ -102,6 +104,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         started = time.perf_counter()
         resumed = await self.service.start()
+        for run_id in resumed:
+            # Gauges (active runs, pending approvals) and workflow labels of runs this start took over.
+            self.metrics_listener.restore(await self.service.engine.events(run_id))
         await self._open_listeners()
         if not self.config.auth.tokens:
             log.warning(
@@ -194,6 +199,8 @@ class Daemon:
 
 def serve(config_path: str | None, *, single_process: bool = True, overrides: dict[str, Any] | None = None) -> int:
     config = load_config(config_path, overrides=overrides)
+    # A watchdog kill (SIGABRT) or a fatal signal leaves every thread's stack in the journal.
+    faulthandler.enable()
     configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
     if not single_process:
         log.info("multi-process planes are not built yet; running single-process")

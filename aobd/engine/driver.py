@@ -162,6 +162,10 @@ class Engine:
     async def run(self, document: dict[str, Any], inputs: Any = None, **kwargs: Any) -> dict[str, Any]:
         return await self.wait(await self.start_run(document, inputs, **kwargs))
 
+    async def events(self, run_id: str) -> list[ev.AnyEvent]:
+        """The run's events, decoded, from the log."""
+        return [ev.decode_event(r.data) for r in await self.log.read(run_id)]
+
     async def load(self, run_id: str) -> RunMachine:
         """A machine rebuilt from the log (the live one if this engine owns the run)."""
         slot = self._runs.get(run_id)

@@ -1,0 +1,1 @@
+"""The daemon: supervisor, service, admin socket, OS integration."""
