@@ -32,8 +32,52 @@ from aobd.daemon.service import Service
 from aobd.errors import ConfigError
 from aobd.log import configure_logging
 from aobd.metrics import Metrics, MetricsListener
+from aobd.model import events as ev
 
 log = structlog.get_logger("aobd.daemon")
+
+
+_LOGGED = {
+    "RunCreated": "info",
+    "RunCompleted": "info",
+    "RunFailed": "warning",
+    "RunCancelled": "info",
+    "NodeFailed": "warning",
+    "PatchProposed": "info",
+    "PatchApplied": "info",
+    "PatchRejected": "warning",
+    "PatchRolledBack": "info",
+    "ApprovalRequested": "info",
+    "ApprovalDecided": "info",
+    "ApprovalEscalated": "info",
+}
+_IDS = (
+    "node_id",
+    "patch_id",
+    "ticket",
+    "attempt",
+    "workflow",
+    "reason",
+    "reasons",
+    "error",
+    "by",
+    "decision",
+    "version",
+)
+
+
+def log_events(events: list[ev.Event]) -> None:
+    """Engine listener: one JSON log line per notable event, with run_id/node_id/patch_id bound.
+
+    Node completions stay out of the log (the event log has them; logging them would double the hot path's I/O).
+    """
+    for event in events:
+        kind = ev.event_type(event)
+        level = _LOGGED.get(kind)
+        if level is None:
+            continue
+        fields = {k: getattr(event, k) for k in _IDS if getattr(event, k, None) not in (None, "", [])}
+        getattr(log, level)(kind, run_id=event.run_id, seq=event.seq, **fields)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -72,6 +116,7 @@ class Daemon:
         self.service.engine.listeners.append(self.hub.publish)
         self.metrics_listener = MetricsListener(self.metrics)
         self.service.engine.listeners.append(self.metrics_listener)
+        self.service.engine.listeners.append(log_events)
         self.api = Api(self.service, listen=config.api.listen, hub=self.hub, metrics=self.metrics)
         self.admin = AdminServer(self.api, config.admin_socket, drain=self.request_stop)
         self.notifier = Notifier()
