@@ -120,7 +120,8 @@ class Daemon:
         except urllib.error.HTTPError as err:
             payload = err.read()
             err.close()
-            return Reply(err.code, _decode(payload, err.headers.get("content-type", "")), dict(err.headers))
+            headers = {k.lower(): v for k, v in err.headers.items()}
+            return Reply(err.code, _decode(payload, err.headers.get("content-type", "")), headers)
 
     def wait_run(self, run_id: str, *, token: str | None = None, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
