@@ -152,6 +152,8 @@ class Service:
                 refs.setdefault(workspace, []).append(e.inputs_ref)
             elif isinstance(e, ev.NodeCompleted):
                 refs.setdefault(workspace, []).append(e.output_ref)
+                if e.exchange_ref:
+                    refs[workspace].append(e.exchange_ref)
             elif isinstance(e, ev.PatchApplied | ev.PatchRolledBack):
                 refs.setdefault(workspace, []).append(e.version_ref)
             elif isinstance(e, ev.RunCompleted) and e.outputs_ref:

@@ -488,8 +488,10 @@ class Engine:
                 await self._report_failure(slot, job, error, True, started)
                 return
         duration_ms = (time.perf_counter() - started) * 1000.0
-        patch = usage = None
+        patch = usage = exchange_ref = None
         if isinstance(result, AgentAnswer):
+            if result.exchange is not None:
+                exchange_ref = await self.cas.put(result.exchange)  # the raw LLM exchange, for audit and replay
             patch, usage, result = result.patch, result.usage, result.output
         verdicts = await self._url_verdicts(patch) if patch is not None else _no_verdicts
         async with slot.lock:
@@ -502,6 +504,7 @@ class Engine:
                 patch=patch,
                 url_check=verdicts,
                 usage=usage,
+                exchange_ref=exchange_ref,
             )
             await self._commit(slot, step)
 
@@ -531,7 +534,14 @@ class Engine:
             await self._commit(slot, step)
 
     def _services(self, machine: RunMachine) -> dict[str, Any]:
-        return {"version": machine.version, "execute": self._run_node, "run_child": self._run_child}
+        return {
+            "version": machine.version,
+            "document": machine.doc,
+            "node_status": {nid: n.status for nid, n in machine.nodes.items()},
+            "http_allow": self._http_allow,
+            "execute": self._run_node,
+            "run_child": self._run_child,
+        }
 
     # ------------------------------------------------------------------ http, SSRF and composites
 

@@ -608,6 +608,7 @@ class RunMachine:
         patch: PatchProposal | None = None,
         url_check: UrlCheck = _no_url_check,
         usage: dict[str, Any] | None = None,
+        exchange_ref: str | None = None,
     ) -> Step:
         """An attempt finished. Duplicates and stale attempts are dropped (exactly-once recording)."""
         step = Step()
@@ -652,6 +653,7 @@ class RunMachine:
                 inline=inline,
                 duration_ms=duration_ms,
                 usage=usage,
+                exchange_ref=exchange_ref,
             ),
         )
         if not inline:

@@ -77,7 +77,9 @@ class NodeCompleted(Event, tag="NodeCompleted"):
     duration_ms: float = 0.0
     #: Set when the output was not produced by executing the node (replay reuse): the source run.
     reused_from: str | None = None
+    #: Agents: token usage and the CAS ref of the raw provider exchange.
     usage: dict[str, Any] | None = None
+    exchange_ref: str | None = None
 
 
 class NodeFailed(Event, tag="NodeFailed"):

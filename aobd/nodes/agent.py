@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from aobd.agents.base import AgentAnswer
@@ -22,4 +23,16 @@ async def execute_agent(node: Node, inputs: dict[str, Any], ctx: NodeContext) ->
         )
     if provider == "scripted":
         return scripted_answer(node.config, ctx.attempt, author=author, base=base)
+    if provider == "openai":
+        from aobd.agents.openai import openai_answer
+
+        return await openai_answer(
+            node.config,
+            inputs,
+            ctx,
+            document=ctx.services["document"],
+            http_allow=ctx.services.get("http_allow", []),
+            env=os.environ,
+            node_status=ctx.services.get("node_status"),
+        )
     raise NodeError(f"agent provider {provider!r} is not available in this build", code="no_provider", retryable=False)
