@@ -22,7 +22,7 @@ $(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx)
 build: $(EXT_STAMP)
 
 run: build
-	$(VENV)/bin/aobd run examples/agentic/workflow.json --inputs @examples/agentic/inputs.json
+	$(PY) examples/showcase/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aobd tests perf

@@ -73,6 +73,12 @@ class Timeline:
             return f"{c('yellow', '⏸')} {e.node_id} awaits approval (ticket {e.ticket})"
         if isinstance(e, ev.ApprovalDecided):
             return f"{c('green', '⏵')} {e.node_id} {e.decision} by {e.by}"
+        if isinstance(e, ev.ApprovalEscalated):
+            notified = f"notified {e.notify} ({e.result})" if e.notify else ""
+            decided = f"decided {e.decision}" if e.decision else ""
+            return f"{c('yellow', '⚑')} {e.node_id} escalation step {e.step + 1}: " + ", ".join(
+                x for x in (notified, decided) if x
+            )
         if isinstance(e, ev.TimerSet):
             return f"{c('yellow', '⏲')} {e.node_id} timer set for +{(e.fire_at - e.ts):.1f}s"
         if isinstance(e, ev.RunCompleted):
