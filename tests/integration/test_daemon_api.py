@@ -251,3 +251,22 @@ def _aobd() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "aobd.cli.main"]
+
+
+def test_ab_run_with_an_earlier_patch_set(daemon: Daemon) -> None:
+    doc = sleeper("ab", 100, 2)
+    first = daemon.request("POST", "/v1/runs", {"definition": doc}).body["run_id"]
+    added = {"id": "extra", "type": "function", "config": {"handler": "builtin:noop"}}
+    ops = [
+        {"op": "add", "path": "/nodes/-", "value": added},
+        {"op": "add", "path": "/edges/-", "value": {"from": "n1", "to": "extra"}},
+    ]
+    patch = daemon.request("POST", f"/v1/runs/{first}/patches", {"ops": ops, "reason": "variant B"}).body
+    assert patch["status"] == "applied"
+    variant = daemon.request("POST", "/v1/runs?wait=30", {"definition": doc, "patch_set": [patch["patch_id"]]}).body
+    assert variant["status"] == "completed" and variant["nodes"]["extra"]["status"] == "completed"
+    assert variant["version"] == daemon.wait_run(first)["version"]
+    other = daemon.request(
+        "POST", "/v1/runs", {"definition": sleeper("not_ab", 1, 1), "patch_set": [patch["patch_id"]]}
+    )
+    assert other.status == 400 and "belongs to a run of workflow 'ab'" in other.body["error"]["message"]
