@@ -170,6 +170,80 @@ async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path,
     }
 
 
+async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str, streams: int = 4) -> dict[str, Any]:
+    """W6 runs started and completed over HTTP/2 (h2c, prior knowledge) by h2load, against a fresh daemon.
+
+    Each request is ``POST /v1/runs?wait=60``, answered when the run finished; ``concurrency`` connections carry
+    ``streams`` concurrent streams each. Latency percentiles come from h2load's per-request log.
+    """
+    import shutil
+
+    from tests.integration.daemon import Daemon, free_port
+
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    config = data_dir.parent / "bench-h2.toml"
+    config.write_text("[limits]\nrun_starts_per_s = 0\n")
+    daemon = Daemon(data_dir, free_port(), config=config)
+    await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
+    body = data_dir.parent / "w6-body.json"
+    body.write_text(json.dumps({"definition": w6_document(), "inputs": {"x": 1}}))
+    log_file = data_dir.parent / "h2load.log"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "h2load",
+            "-n",
+            str(runs),
+            "-c",
+            str(concurrency),
+            "-m",
+            str(streams),
+            "-d",
+            str(body),
+            "-H",
+            "content-type: application/json",
+            "--log-file",
+            str(log_file),
+            f"{daemon.url}/v1/runs?wait=60",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out = (await proc.communicate())[0].decode()
+    finally:
+        await asyncio.to_thread(daemon.stop)
+    rows = [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()]
+    ok = [r for r in rows if r[1].startswith("2")]
+    latencies = [int(r[2]) / 1000.0 for r in ok]
+    seconds = _h2load_seconds(out)
+    return {
+        "mode": "http2",
+        "client": "h2load",
+        "fidelity": fidelity,
+        "runs": runs,
+        "concurrency": concurrency * streams,
+        "completed": len(ok),
+        "seconds": round(seconds, 3),
+        "workflows_per_s": round(len(ok) / seconds, 1),
+        "node_executions_per_s": round(6 * len(ok) / seconds, 1),
+        "run_latency_p50_ms": round(percentile(latencies, 0.5), 3),
+        "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
+        "hop_p50_ms": None,
+        "hop_p99_ms": None,
+        "peak_rss_mb": None,
+    }
+
+
+def _h2load_seconds(output: str) -> float:
+    """h2load prints "finished in 884.62ms, ..." or "finished in 2.31s, ..."."""
+    if "finished in " not in output:
+        raise SystemExit(f"h2load failed:\n{output}")
+    text = output.split("finished in ")[1].split(",")[0].strip()
+    for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
 def _event_hops(events: list[dict[str, Any]]) -> list[float]:
     done = {e["node_id"]: e for e in events if e["type"] == "NodeCompleted"}
     start = {n: e["ts"] - e.get("duration_ms", 0.0) / 1000.0 for n, e in done.items()}
@@ -181,7 +255,7 @@ def _event_hops(events: list[dict[str, Any]]) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.w6", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["inprocess", "http", "cluster"], default="inprocess")
+    parser.add_argument("--mode", choices=["inprocess", "http", "http2", "cluster"], default="inprocess")
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
@@ -198,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="aobd-w6-") as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            if args.mode == "http":
+            if args.mode == "http2":
+                result = runner.run(run_h2load(args.runs, args.concurrency, data_dir / "data", args.fidelity))
+            elif args.mode == "http":
                 result = runner.run(run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity))
             else:
                 result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
