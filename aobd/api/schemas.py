@@ -10,6 +10,14 @@ from typing import Any, Literal
 
 import msgspec
 
+#: The largest event seq the event log can address (a signed 64-bit SQLite INTEGER).
+MAX_SEQ = 2**63 - 1
+
+#: The public statuses of a run (``GET /v1/runs?status=`` accepts exactly these).
+RunStatus = Literal["running", "waiting", "completed", "failed", "cancelled"]
+#: The statuses of an approval ticket (``GET /v1/approvals?status=`` accepts exactly these).
+ApprovalStatus = Literal["pending", "approved", "rejected"]
+
 
 class ErrorBody(msgspec.Struct):
     code: str
@@ -78,7 +86,7 @@ class RunSummary(msgspec.Struct):
 
     run_id: str
     workflow: str
-    status: Literal["running", "waiting", "completed", "failed", "cancelled"]
+    status: RunStatus
     base_version: str
     version: str
     nodes: dict[str, NodeSummary]
@@ -138,7 +146,7 @@ class ApprovalInfo(msgspec.Struct):
     ticket: str
     run_id: str
     node_id: str
-    status: Literal["pending", "approved", "rejected"]
+    status: ApprovalStatus
     assignees: list[str]
     deadline: float | None = None
     decided_by: str | None = None
