@@ -42,6 +42,10 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class SecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Outbound HTTP targets allowed despite the SSRF guard: "host:port", "host" or CIDR (env AOBD_HTTP_ALLOW).
     http_allow: list[str] = msgspec.field(default_factory=list)
+    #: Python modules whose functions workflows submitted to the daemon may call as handlers (`module:attr`);
+    #: a module allows its submodules. Builtins are always allowed. Empty: builtins only. A handler runs with
+    #: the daemon's privileges, so list only modules written to be called by workflows.
+    handler_modules: list[str] = msgspec.field(default_factory=list)
 
 
 class TokenConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -23,11 +23,12 @@ from aobd.api import schemas as s
 from aobd.config import Config, masked
 from aobd.engine.driver import Engine, new_run_id
 from aobd.engine.machine import RunMachine
-from aobd.errors import AobdError, BadRequest, Conflict, NotFound, Unavailable
+from aobd.errors import AobdError, BadRequest, Conflict, NotFound, Unavailable, WorkflowInvalid
 from aobd.model import events as ev
 from aobd.model.canonical import canonical_json, sha256_ref
-from aobd.model.patch import PatchProposal
+from aobd.model.patch import PatchProposal, handler_modules
 from aobd.model.validate import load_workflow
+from aobd.nodes.function import module_allowed
 from aobd.store.local_cas import LocalCas
 from aobd.store.meta import SqliteMetaStore
 from aobd.store.sqlite_log import SqliteEventLog
@@ -92,6 +93,7 @@ class Service:
             max_inflight=config.engine.max_inflight,
             workflow_resolver=self._resolve_workflow,
             webhooks=dict(config.approvals.webhooks),
+            handler_modules=list(config.security.handler_modules),
             workspace_policy=config.workspace_policy,
         )
         self._workspace_of: dict[str, str] = {}
@@ -172,8 +174,20 @@ class Service:
 
     # ------------------------------------------------------------------ workflows
 
+    def _check_handlers(self, document: dict[str, Any]) -> None:
+        """Workflows that come over the API may call only builtins and security.handler_modules."""
+        allowed = self.config.security.handler_modules
+        refused = sorted(m for m in handler_modules(document) if not module_allowed(m, allowed))
+        if refused:
+            raise WorkflowInvalid(
+                f"handler modules {', '.join(refused)} are not allowed on this daemon "
+                f"(security.handler_modules: {', '.join(allowed) or 'builtins only'})",
+                details=[{"code": "handler_not_allowed", "modules": refused}],
+            )
+
     async def put_workflow(self, caller: Caller, body: s.WorkflowPut) -> s.WorkflowRef:
         workflow = load_workflow(body.definition, source="definition")
+        self._check_handlers(body.definition)
         data = canonical_json(body.definition)
         version = sha256_ref(data)
         await self.cas.put(data)
@@ -221,6 +235,8 @@ class Service:
             existing = await self.meta.claim_idempotency(caller.workspace, body.idempotency_key, run_id)
             if existing is not None:
                 return await self.get_run(caller, existing)
+        load_workflow(document, source="definition")
+        self._check_handlers(document)
         overlays = await self._patch_set(caller, body.patch_set or [], document)
         await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace, overlays=overlays)
         if wait_s > 0:

@@ -69,6 +69,7 @@ class Engine:
         workflow_resolver: WorkflowResolver | None = None,
         max_inflight: int = 10_000,
         webhooks: dict[str, str] | None = None,
+        handler_modules: list[str] | None = None,
         workspace_policy: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.log = log
@@ -78,6 +79,8 @@ class Engine:
         self.fidelity = fidelity
         self.executors = executors if executors is not None else default_executors()
         self.workflow_resolver = workflow_resolver
+        #: Handler modules function nodes may call (None: any, as for `aobd run` of one's own file).
+        self.handler_modules = handler_modules
         #: Named webhook URLs that approval escalations notify (config ``approvals.webhooks``).
         self.webhooks = dict(webhooks or {})
         #: Per-workspace patch governance, merged into each new run's policy (the stricter wins).
@@ -539,6 +542,7 @@ class Engine:
             "document": machine.doc,
             "node_status": {nid: n.status for nid, n in machine.nodes.items()},
             "http_allow": self._http_allow,
+            "handler_modules": self.handler_modules,
             "execute": self._run_node,
             "run_child": self._run_child,
         }

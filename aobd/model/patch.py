@@ -105,6 +105,7 @@ def judge_patch(
     added = [nid for nid in new_nodes if nid not in old_nodes]
     reasons += _check_past(document, new_doc, old_nodes, new_nodes, facts)
     reasons += _check_limits(added, new_nodes, facts, count_limits)
+    reasons += _check_handlers(document, old_nodes, new_nodes)
     reasons += _check_urls(old_nodes, new_nodes, url_check)
     if reasons:
         return Judgement(False, reasons)
@@ -255,6 +256,48 @@ def _check_limits(
                     "agent_depth",
                     f"agent {nid!r} would nest at depth {proposer_depth + 1} "
                     f"(max_agent_depth={policy.max_agent_depth})",
+                    5,
+                    None,
+                    None,
+                    nid,
+                )
+            )
+    return reasons
+
+
+def handler_modules(document: Mapping[str, Any]) -> set[str]:
+    """Modules of the function handlers a document uses (builtins excluded)."""
+    modules = set()
+    for node in _nodes_by_id(document).values():
+        config = node.get("config")
+        handler = config.get("handler") if isinstance(config, dict) else None
+        if node.get("type") == "function" and isinstance(handler, str) and not handler.startswith("builtin:"):
+            modules.add(handler.partition(":")[0])
+    return modules
+
+
+def _check_handlers(
+    old_doc: Mapping[str, Any], old_nodes: Mapping[str, Any], new_nodes: Mapping[str, Any]
+) -> list[PatchReason]:
+    """Rule 5 (node types an agent may add): a patch may call builtins and the handler modules the workflow
+    already uses, never a new module. An agent steered by a hostile prompt could otherwise run
+    ``subprocess:run`` with inputs of its choosing."""
+    known = handler_modules(old_doc)
+    reasons = []
+    for nid, node in new_nodes.items():
+        if node.get("type") != "function" or old_nodes.get(nid) == node:
+            continue
+        config = node.get("config")
+        handler = config.get("handler") if isinstance(config, dict) else None
+        if not isinstance(handler, str) or handler.startswith("builtin:"):
+            continue
+        module = handler.partition(":")[0]
+        if module not in known:
+            reasons.append(
+                PatchReason(
+                    "handler_not_allowed",
+                    f"a patch may call builtins and the handler modules this workflow already uses "
+                    f"({', '.join(sorted(known)) or 'none'}), not {module!r}",
                     5,
                     None,
                     None,

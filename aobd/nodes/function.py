@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -70,6 +70,10 @@ def resolve_handler(ref: str) -> HandlerRef:
     return HandlerRef(ref, obj)
 
 
+def module_allowed(module: str, allowed: Iterable[str]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in allowed)
+
+
 def check_handler(ref: str) -> str | None:
     """For ``aobd validate``: None if ``ref`` resolves, else why not."""
     if ref.startswith("builtin:"):
@@ -105,6 +109,13 @@ async def execute_function(node: Node, inputs: dict[str, Any], ctx: NodeContext)
     ref = node.config["handler"]
     if ref.startswith("builtin:"):
         return await _builtin(ref[8:], node.config, inputs, ctx)
+    allowed = ctx.services.get("handler_modules")
+    if allowed is not None and not module_allowed(ref.partition(":")[0], allowed):
+        raise NodeError(
+            f"handler {ref!r} is not allowed here: its module is not in security.handler_modules",
+            code="handler_not_allowed",
+            retryable=False,
+        )
     handler = resolve_handler(ref)
     args = (inputs, ctx) if handler.takes_ctx else (inputs,)
     if handler.is_async:

@@ -270,3 +270,11 @@ def test_ab_run_with_an_earlier_patch_set(daemon: Daemon) -> None:
         "POST", "/v1/runs", {"definition": sleeper("not_ab", 1, 1), "patch_set": [patch["patch_id"]]}
     )
     assert other.status == 400 and "belongs to a run of workflow 'ab'" in other.body["error"]["message"]
+
+
+def test_workflows_over_the_api_may_not_call_arbitrary_modules(daemon: Daemon) -> None:
+    doc = {"name": "rce", "nodes": [{"id": "x", "type": "function", "config": {"handler": "subprocess:run"}}]}
+    for path, body in (("/v1/runs", {"definition": doc}), ("/v1/workflows", {"definition": doc})):
+        reply = daemon.request("POST", path, body)
+        assert reply.status == 422 and "subprocess" in reply.body["error"]["message"]
+        assert "security.handler_modules" in reply.body["error"]["message"]

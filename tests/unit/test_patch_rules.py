@@ -122,3 +122,10 @@ def test_every_violated_rule_is_reported_at_once() -> None:
     ]
     result = judge(ops, url_reasons=["metadata endpoint"], policy=Policy(max_spawned_nodes=0))
     assert {r.rule for r in result.reasons} >= {3, 4, 5, 6}
+
+
+def test_a_patch_cannot_introduce_a_new_handler_module() -> None:
+    hostile = add({**fn("pwn", "subprocess:run"), "in": {"rm": "`1`"}})
+    result = judge([hostile])
+    assert codes(result) == {"handler_not_allowed"} and result.reasons[0].node_id == "pwn"
+    assert judge([add(fn("ok", "builtin:echo"))]).accepted
