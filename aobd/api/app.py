@@ -679,3 +679,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", readyz, None, "readyz", "Readiness", None, s.Health),
     Route("GET", "/openapi.json", openapi, "read", "openapi", "This document", None, dict[str, Any]),
 )
+
+# External agent runners' routes live with their queue; the table is built once Route exists (see that module).
+from aobd.api.agent_routes import AGENT_ROUTES  # noqa: E402
+
+ROUTES = ROUTES + AGENT_ROUTES

@@ -19,6 +19,7 @@ import msgspec
 import orjson
 
 from aobd import __version__, _fast
+from aobd.agents.jobs import AgentJobQueue
 from aobd.api import schemas as s
 from aobd.config import Config, masked
 from aobd.engine.driver import Engine, new_run_id
@@ -97,6 +98,9 @@ class Service:
             workspace_policy=config.workspace_policy,
         )
         self._workspace_of: dict[str, str] = {}
+        #: The agent.jobs channel for external runners (claimed over the HTTP API).
+        self.agent_jobs = AgentJobQueue()
+        self.engine.agent_jobs = self.agent_jobs
         self._approvals: dict[str, _Approval] = {}
         self.engine.listeners.append(self._on_events)
 
@@ -127,6 +131,7 @@ class Service:
         return await self.engine.drain(grace_s)
 
     async def close(self) -> None:
+        self.agent_jobs.close()
         await self.engine.close()
         await self.meta.close()
         await self.cas.close()

@@ -79,6 +79,8 @@ class Engine:
         self.fidelity = fidelity
         self.executors = executors if executors is not None else default_executors()
         self.workflow_resolver = workflow_resolver
+        #: The agent.jobs queue external runners claim from (the daemon sets it; None: no external runners).
+        self.agent_jobs: Any = None
         #: Handler modules function nodes may call (None: any, as for `aobd run` of one's own file).
         self.handler_modules = handler_modules
         #: Named webhook URLs that approval escalations notify (config ``approvals.webhooks``).
@@ -543,6 +545,7 @@ class Engine:
             "node_status": {nid: n.status for nid, n in machine.nodes.items()},
             "http_allow": self._http_allow,
             "handler_modules": self.handler_modules,
+            "agent_jobs": self.agent_jobs,
             "execute": self._run_node,
             "run_child": self._run_child,
         }

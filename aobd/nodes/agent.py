@@ -18,9 +18,14 @@ async def execute_agent(node: Node, inputs: dict[str, Any], ctx: NodeContext) ->
     author = f"agent:{ctx.node_id}"
     base = ctx.services.get("version")
     if node.config.get("runner") == "external":
-        raise NodeError(
-            "external agent runners need the daemon (aobd serve)", code="no_external_runner", retryable=False
-        )
+        queue = ctx.services.get("agent_jobs")
+        if queue is None:
+            raise NodeError(
+                "external agent runners need the daemon (aobd serve)", code="no_external_runner", retryable=False
+            )
+        from aobd.agents.jobs import execute_external
+
+        return await execute_external(node, inputs, ctx, queue)
     if provider == "scripted":
         return scripted_answer(node.config, ctx.attempt, author=author, base=base)
     if provider == "openai":
