@@ -92,6 +92,34 @@ class WorkspacePolicyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=T
     max_agent_depth: int | None = None
 
 
+class StorageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: "sqlite" (embedded, <data_dir>/events.db) or "postgres" (shared by several daemons).
+    event_log: Literal["sqlite", "postgres"] = "sqlite"
+    #: "local" (<data_dir>/cas) or "s3".
+    cas: Literal["local", "s3"] = "local"
+    #: Postgres connection string (env AOBD_POSTGRES_DSN), for event_log = "postgres".
+    postgres_dsn: str = ""
+    #: Apply schema migrations at start (otherwise run `aobd migrate` first).
+    migrate_on_start: bool = False
+
+
+class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: The bucket (it must exist); credentials come from the standard AWS chain, never from this file.
+    bucket: str = ""
+    prefix: str = "cas/"
+    #: An S3-compatible endpoint (MinIO, Ceph); empty: AWS.
+    endpoint_url: str = ""
+    region: str = ""
+    #: Local read cache of blobs (verified on every read); empty: <data_dir>/s3-cache.
+    cache_dir: str = ""
+    cache_bytes: int = 1 << 30
+
+
+class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: redis:// URL (env AOBD_REDIS_URL); when set, rate limits are shared by every daemon through Redis.
+    url: str = ""
+
+
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: "full" records every event; "fast" leaves out NodeScheduled/NodeStarted (env AOBD_FIDELITY).
     fidelity: Literal["full", "fast"] = "full"
@@ -110,6 +138,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     approvals: ApprovalsConfig = msgspec.field(default_factory=ApprovalsConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    s3: S3Config = msgspec.field(default_factory=S3Config)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     #: Per-workspace patch governance: ``[workspaces.acme] patches = "approve"``.
     workspaces: dict[str, WorkspacePolicyConfig] = msgspec.field(default_factory=dict)
 
@@ -135,6 +166,8 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_FIDELITY": ("engine.fidelity", str),
     "AOBD_LOG_FORMAT": ("daemon.log_format", str),
     "AOBD_LOG_LEVEL": ("daemon.log_level", str),
+    "AOBD_POSTGRES_DSN": ("storage.postgres_dsn", str),
+    "AOBD_REDIS_URL": ("redis.url", str),
 }
 
 

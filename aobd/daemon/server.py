@@ -33,6 +33,7 @@ from aobd.errors import ConfigError
 from aobd.log import configure_logging
 from aobd.metrics import Metrics, MetricsListener
 from aobd.model import events as ev
+from aobd.store.factory import Stores, open_stores
 
 log = structlog.get_logger("aobd.daemon")
 
@@ -97,7 +98,7 @@ def is_loopback(host: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, stores: Stores, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.host, self.port = split_listen(config.api.listen)
@@ -107,7 +108,7 @@ class Daemon:
                 f"api.listen is {config.api.listen} but no [[auth.tokens]] are configured: "
                 "an open daemon serves loopback only. Configure tokens or listen on 127.0.0.1"
             )
-        self.service = Service(config)
+        self.service = Service(config, stores)
         self.hub = FanoutHub(buffer_size=config.api.stream_buffer)
         self.metrics = Metrics()
         self.metrics.observe_store(self.service.log)
@@ -258,4 +259,4 @@ def serve(config_path: str | None, *, single_process: bool = True, overrides: di
 
 async def _make(config: Config, config_path: str | None) -> Daemon:
     # Built inside the loop: the stores and the hub bind asyncio primitives to the running loop.
-    return Daemon(config, config_path=config_path)
+    return Daemon(config, await open_stores(config), config_path=config_path)

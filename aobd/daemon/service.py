@@ -30,9 +30,7 @@ from aobd.model.canonical import canonical_json, sha256_ref
 from aobd.model.patch import PatchProposal, handler_modules
 from aobd.model.validate import load_workflow
 from aobd.nodes.function import module_allowed
-from aobd.store.local_cas import LocalCas
-from aobd.store.meta import SqliteMetaStore
-from aobd.store.sqlite_log import SqliteEventLog
+from aobd.store.factory import Stores
 
 ROLES = {"read": 0, "write": 1, "admin": 2}
 
@@ -76,16 +74,15 @@ class _Approval:
 class Service:
     """Owns the stores and the engine of one daemon (single-process mode)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, stores: Stores) -> None:
         self.config = config
         self.started_at = time.time()
         self.ready = False
         self.draining = False
-        data = config.data_path
-        data.mkdir(parents=True, exist_ok=True)
-        self.log = SqliteEventLog(data / "events.db")
-        self.cas = LocalCas(data / "cas")
-        self.meta = SqliteMetaStore(data / "meta.db")
+        self.stores = stores
+        self.log = stores.log
+        self.cas = stores.cas
+        self.meta = stores.meta
         self.engine = Engine(
             self.log,
             self.cas,
@@ -133,9 +130,7 @@ class Service:
     async def close(self) -> None:
         self.agent_jobs.close()
         await self.engine.close()
-        await self.meta.close()
-        await self.cas.close()
-        await self.log.close()
+        await self.stores.close()
 
     async def _resolve_workflow(self, name: str, workspace: str) -> dict[str, Any]:
         """Composite nodes name registered workflows of their own run's workspace (never another's)."""
