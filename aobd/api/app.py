@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from aobd.api import schemas as s
-from aobd.api.auth import Authenticator, RateLimiter
+from aobd.api.auth import Authenticator, make_limiter
 from aobd.daemon.service import Caller, Service
 from aobd.errors import (
     AobdError,
@@ -136,14 +136,17 @@ class Api:
         self.hub = hub
         self.metrics = metrics
         self.auth = Authenticator(self.config.auth.tokens)
-        self.limiter = RateLimiter(self.config.limits)
+        self.limiter = make_limiter(self.config)
         self._routes = [(r, r.pattern()) for r in ROUTES]
 
     def reload(self, config: Any) -> None:
         """SIGHUP: tokens, rate limits and body limits change live."""
         self.config = config
         self.auth = Authenticator(config.auth.tokens)
-        self.limiter = RateLimiter(config.limits)
+        self.limiter.reconfigure(config.limits)
+        fallback = getattr(self.limiter, "fallback", None)
+        if fallback is not None:
+            fallback.reconfigure(config.limits)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -324,7 +327,7 @@ async def start_run(api: Api, r: Request) -> Any:
         wait_s = -1.0
     if not 0 <= wait_s <= 300:
         raise BadRequest(f"query parameter wait must be seconds from 0 to 300, not {raw_wait!r}")
-    api.limiter.check(r.caller.workspace, "run_start")
+    await api.limiter.check(r.caller.workspace, "run_start")
     return Response(await api.service.start_run(r.caller, body, wait_s=wait_s), 201)
 
 
@@ -391,13 +394,13 @@ async def cancel_run(api: Api, r: Request) -> Any:
 
 async def replay_run(api: Api, r: Request) -> Any:
     body = r.decode(s.ReplayRequest)
-    api.limiter.check(r.caller.workspace, "run_start")
+    await api.limiter.check(r.caller.workspace, "run_start")
     return Response(await api.service.replay(r.caller, r.params["id"], body.from_, body.mode), 201)
 
 
 async def propose_patch(api: Api, r: Request) -> Any:
     body = r.decode(s.PatchPost)
-    api.limiter.check(r.caller.workspace, "patch")
+    await api.limiter.check(r.caller.workspace, "patch")
     return Response(await api.service.propose_patch(r.caller, r.params["id"], body), 201)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from aobd.config import LimitsConfig, TokenConfig
+from aobd.config import Config, LimitsConfig, TokenConfig
 from aobd.daemon.service import Caller
 from aobd.errors import RateLimited, Unauthorized
 
@@ -50,17 +51,23 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token buckets per (workspace, kind), in process (the scale-out issue moves them to Redis)."""
+    """Token buckets per (workspace, kind), in this process; ``RedisRateLimiter`` shares them between daemons."""
 
     def __init__(self, limits: LimitsConfig, clock: object = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self.reconfigure(limits)
+
+    def reconfigure(self, limits: LimitsConfig) -> None:
         self._rates = {
             "run_start": (limits.run_starts_per_s, limits.run_starts_burst),
             "patch": (limits.patches_per_s, limits.patches_burst),
         }
-        self._clock = clock
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
 
-    def check(self, workspace: str, kind: str) -> None:
+    async def close(self) -> None:
+        return None
+
+    def check_now(self, workspace: str, kind: str) -> None:
         rate, burst = self._rates[kind]
         if rate <= 0:
             return
@@ -79,3 +86,30 @@ class RateLimiter:
                 kind=kind,
             )
         bucket.level -= 1.0
+
+    async def check(self, workspace: str, kind: str) -> None:
+        self.check_now(workspace, kind)
+
+
+def make_limiter(config: Config) -> Any:
+    """Shared through Redis when ``redis.url`` is set (each daemon limits alone while Redis is down),
+    otherwise in process."""
+    local = RateLimiter(config.limits)
+    if not config.redis.url:
+        return local
+    from aobd.store.redis_cache import RedisRateLimiter
+
+    return RedisRateLimiter(config.redis.url, config.limits, fallback=_SyncAdapter(local))
+
+
+class _SyncAdapter:
+    """The in-process limiter under the synchronous name the Redis limiter's fallback calls."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    def check(self, workspace: str, kind: str) -> None:
+        self._limiter.check_now(workspace, kind)
+
+    def reconfigure(self, limits: LimitsConfig) -> None:
+        self._limiter.reconfigure(limits)

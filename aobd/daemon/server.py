@@ -234,6 +234,7 @@ class Daemon:
             except TimeoutError:
                 task.cancel()
         await self.admin.close()
+        await self.api.limiter.close()
         for task in self._tasks:
             if not task.done():
                 task.cancel()

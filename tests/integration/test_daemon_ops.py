@@ -156,3 +156,31 @@ def test_websocket_streams_a_run(tmp_path: Path) -> None:
     events = [m for m in messages if m.get("type") != "heartbeat"]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["type"] == "RunCompleted"
+
+
+def test_two_daemons_share_one_rate_limit_through_redis(tmp_path: Path) -> None:
+    import uuid
+
+    from tests.services import redis_url
+
+    url = redis_url()
+    workspace = f"ws-{uuid.uuid4().hex[:8]}"  # a fresh bucket: runs of this test never share one
+    config = tmp_path / "aobd.toml"
+    config.write_text(
+        f'[redis]\nurl = "{url}"\n[limits]\nrun_starts_per_s = 0.01\nrun_starts_burst = 2\n'
+        f'[[auth.tokens]]\ntoken = "t"\nworkspace = "{workspace}"\nrole = "write"\n'
+    )
+    doc = {"name": "tiny", "nodes": [{"id": "a", "type": "function", "config": {"handler": "builtin:noop"}}]}
+    first = Daemon(tmp_path / "a", free_port(), config=config).start()
+    second = Daemon(tmp_path / "b", free_port(), config=config).start()
+    try:
+        statuses = [
+            first.request("POST", "/v1/runs", {"definition": doc}, token="t").status,
+            second.request("POST", "/v1/runs", {"definition": doc}, token="t").status,
+            first.request("POST", "/v1/runs", {"definition": doc}, token="t").status,
+            second.request("POST", "/v1/runs", {"definition": doc}, token="t").status,
+        ]
+    finally:
+        first.stop()
+        second.stop()
+    assert statuses == [201, 201, 429, 429]
