@@ -125,7 +125,9 @@ class Service:
 
     async def drain(self, grace_s: float) -> bool:
         self.draining = True
-        return await self.engine.drain(grace_s)
+        finished = await self.engine.drain(grace_s)
+        self.agent_jobs.close()  # ends waiting claims (503) so the HTTP server can stop at once
+        return finished
 
     async def close(self) -> None:
         self.agent_jobs.close()

@@ -65,6 +65,11 @@ REQUESTS: dict[str, tuple[dict[str, str], Any] | None] = {
     "healthz": ({}, None),
     "readyz": ({}, None),
     "openapi": ({}, None),
+    "claimAgentJob": ({}, {"runner": "matrix", "wait_s": 0}),
+    # No live lease is needed to check who may call: an empty body is a 400, answered only after authorization.
+    "heartbeatAgentJob": ({"id": "run"}, {}),
+    "postAgentJobResult": ({"id": "run"}, {}),
+    "listAgentJobs": ({}, None),
 }
 
 
