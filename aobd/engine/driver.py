@@ -172,10 +172,15 @@ class Engine:
         return [ev.decode_event(r.data) for r in await self.log.read(run_id)]
 
     async def load(self, run_id: str) -> RunMachine:
-        """A machine rebuilt from the log (the live one if this engine owns the run)."""
+        """A machine rebuilt from the log (the live one if this engine owns the run).
+
+        The live machine folds a step's events before they are durable; taking the run's lock waits out a step
+        in flight, so readers never see state the log does not have yet.
+        """
         slot = self._runs.get(run_id)
         if slot is not None:
-            return slot.machine
+            async with slot.lock:
+                return slot.machine
         return await self._rebuild(run_id)
 
     async def resume(self, run_id: str) -> None:
