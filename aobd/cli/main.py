@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=50)
     data_dir(runs)
 
+    from aobd.store import migrate_cli
+
+    migrate = sub.add_parser("migrate", help="apply pending Postgres schema migrations (aobd[cluster])")
+    migrate_cli.add_arguments(migrate)
+
     validate = sub.add_parser("validate", help="validate a workflow file; exit 1 listing every problem")
     validate.add_argument("file")
     validate.add_argument("--json", action="store_true")
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {"data_dir": getattr(args, "data_dir", None), "api.listen": getattr(args, "listen", None)}
             return serve(config_path(args), single_process=getattr(args, "single_process", True), overrides=overrides)
+        if command == "migrate":
+            from aobd.store import migrate_cli
+
+            return migrate_cli.run(args)
         from aobd.cli import local
 
         handler = {
