@@ -119,7 +119,7 @@ async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path,
     if url is None:
         config = data_dir.parent / "bench.toml"
         # The benchmark measures the engine, not the limiter; its handlers are its own module.
-        config.write_text("[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = [\"perf.w6_handlers\"]\n")
+        config.write_text('[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n')
         daemon = Daemon(data_dir, free_port(), config=config)
         await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
         url = daemon.url
@@ -184,7 +184,7 @@ async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str,
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
     config = data_dir.parent / "bench-h2.toml"
-    config.write_text("[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = [\"perf.w6_handlers\"]\n")
+    config.write_text('[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n')
     daemon = Daemon(data_dir, free_port(), config=config)
     await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
     body = data_dir.parent / "w6-body.json"
