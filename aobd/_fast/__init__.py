@@ -27,7 +27,7 @@ def _choose() -> tuple[ModuleType, ModuleType, str]:
     if wanted == "python":
         return _py_jsonpatch, _py_routing, "python"
     try:
-        from aobd._fast import jsonpatch, routing  # type: ignore[attr-defined]
+        from aobd._fast import jsonpatch, routing
     except ImportError as exc:
         if wanted == "c":
             raise ImportError(
