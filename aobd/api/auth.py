@@ -51,7 +51,8 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token buckets per (workspace, kind), in this process; ``RedisRateLimiter`` shares them between daemons."""
+    """Token buckets per (workspace, kind), in this process; ``RedisRateLimiter`` shares them between daemons
+    and falls back to one of these while Redis is down."""
 
     def __init__(self, limits: LimitsConfig, clock: object = time.monotonic) -> None:
         self._clock = clock
@@ -64,10 +65,7 @@ class RateLimiter:
             "patch": (limits.patches_per_s, limits.patches_burst),
         }
 
-    async def close(self) -> None:
-        return None
-
-    def check_now(self, workspace: str, kind: str) -> None:
+    def check(self, workspace: str, kind: str) -> None:
         rate, burst = self._rates[kind]
         if rate <= 0:
             return
@@ -87,29 +85,28 @@ class RateLimiter:
             )
         bucket.level -= 1.0
 
+
+class LocalLimiter:
+    """The API's limiter interface (async ``check``, ``reconfigure``, ``close``) over the in-process buckets."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.buckets = RateLimiter(limits)
+
     async def check(self, workspace: str, kind: str) -> None:
-        self.check_now(workspace, kind)
+        self.buckets.check(workspace, kind)
+
+    def reconfigure(self, limits: LimitsConfig) -> None:
+        self.buckets.reconfigure(limits)
+
+    async def close(self) -> None:
+        return None
 
 
 def make_limiter(config: Config) -> Any:
     """Shared through Redis when ``redis.url`` is set (each daemon limits alone while Redis is down),
     otherwise in process."""
-    local = RateLimiter(config.limits)
     if not config.redis.url:
-        return local
+        return LocalLimiter(config.limits)
     from aobd.store.redis_cache import RedisRateLimiter
 
-    return RedisRateLimiter(config.redis.url, config.limits, fallback=_SyncAdapter(local))
-
-
-class _SyncAdapter:
-    """The in-process limiter under the synchronous name the Redis limiter's fallback calls."""
-
-    def __init__(self, limiter: RateLimiter) -> None:
-        self._limiter = limiter
-
-    def check(self, workspace: str, kind: str) -> None:
-        self._limiter.check_now(workspace, kind)
-
-    def reconfigure(self, limits: LimitsConfig) -> None:
-        self._limiter.reconfigure(limits)
+    return RedisRateLimiter(config.redis.url, config.limits, fallback=RateLimiter(config.limits))
