@@ -682,24 +682,39 @@ class RunMachine:
         retry = self.ir.retry[idx]
         if retryable and attempt < retry.max_attempts:
             retry_at = now + backoff_s(retry, attempt, rand)
-            self._emit(
-                step,
-                ev.NodeFailed(
-                    **self._next(),
-                    ts=now,
-                    node_id=node_id,
-                    node_type=self._type_of(node_id),
-                    attempt=attempt,
-                    error=error,
-                    retryable=True,
-                    retry_at=retry_at,
-                    duration_ms=duration_ms,
-                ),
-            )
+            self._emit_failure(step, node_id, attempt, error, True, now, duration_ms, retry_at=retry_at)
             step.effects.append(Wake(retry_at, "retry", node_id, attempt + 1))
             return step
         self._fail_node(step, node_id, attempt, error, retryable, now, duration_ms)
         return step
+
+    def _emit_failure(
+        self,
+        step: Step,
+        node_id: str,
+        attempt: int,
+        error: dict[str, Any],
+        retryable: bool,
+        now: float,
+        duration_ms: float,
+        *,
+        retry_at: float | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """NodeFailed: with ``retry_at`` another attempt follows, without it the node has failed for good."""
+        return self._emit(
+            step,
+            ev.NodeFailed(
+                **self._next(),
+                ts=now,
+                node_id=node_id,
+                node_type=self._type_of(node_id),
+                attempt=attempt,
+                error=error,
+                retryable=retryable,
+                retry_at=retry_at,
+                duration_ms=duration_ms,
+            ),
+        )
 
     def _fail_node(
         self,
@@ -711,19 +726,7 @@ class RunMachine:
         now: float,
         duration_ms: float,
     ) -> None:
-        routed = self._emit(
-            step,
-            ev.NodeFailed(
-                **self._next(),
-                ts=now,
-                node_id=node_id,
-                node_type=self._type_of(node_id),
-                attempt=attempt,
-                error=error,
-                retryable=retryable,
-                duration_ms=duration_ms,
-            ),
-        )
+        routed = self._emit_failure(step, node_id, attempt, error, retryable, now, duration_ms)
         spec = self.ir.nodes[self.ir.index[node_id]]
         if spec.on_error == "continue":
             self._after_routing(step, routed, now)
