@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from aobd.agents.base import AgentAnswer
 from aobd.errors import AobdError, ConflictError, NodeError, NotFound, WorkflowInvalid
@@ -40,6 +41,7 @@ from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 from .effects import Dispatch, Finished, Step, Wake
 from .machine import RunMachine
 
+_log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
 WorkflowResolver = Callable[[str, str], Awaitable[dict[str, Any]]]
 """(name, workspace) -> the workflow document a composite node names."""
@@ -96,6 +98,8 @@ class Engine:
         self._inflight = asyncio.Semaphore(max_inflight)
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
+        #: In a cluster: this daemon's id, recorded on every event it appends (None on a single daemon).
+        self.writer_id: str | None = None
         #: While draining, no new attempt is dispatched: nodes that became ready stay recorded as started and
         #: are re-dispatched by whoever resumes the run (the next start of this daemon).
         self.draining = False
@@ -116,8 +120,13 @@ class Engine:
         replay: ev.ReplayPlan | None = None,
         known_outputs: dict[str, Any] | None = None,
         workspace_policy: dict[str, Any] | None = None,
+        drive: bool = True,
     ) -> str:
-        """Validate, record RunCreated (and any overlay patches) and start the source nodes. Returns the run id."""
+        """Validate, record RunCreated (and any overlay patches) and start the source nodes. Returns the run id.
+
+        With ``drive=False`` the first step is only recorded: another daemon of the cluster owns the run and
+        carries it on from the log.
+        """
         run_id = run_id or new_run_id()
         url_check: Callable[[str], list[str]] = _no_verdicts
         if overlays:
@@ -140,8 +149,12 @@ class Engine:
             workspace_policy=workspace_policy
             if workspace_policy is not None
             else (self.workspace_policy(workspace) if self.workspace_policy else None),
+            writer=self.writer_id,
         )
         slot = _RunSlot(machine)
+        if not drive:
+            await self._persist(slot, step, first=True)
+            return run_id
         self._runs[run_id] = slot
         async with slot.lock:
             try:
@@ -188,6 +201,7 @@ class Engine:
         if run_id in self._runs:
             return
         machine = await self._rebuild(run_id)
+        machine.writer = self.writer_id
         source_dir = machine.created.source_dir
         if source_dir and source_dir not in sys.path:
             sys.path.insert(0, source_dir)  # handlers that live next to the workflow file
@@ -359,7 +373,7 @@ class Engine:
             await self._persist(slot, step)
         except ConflictError:
             # Another writer owns this run now: stop driving it.
-            self._runs.pop(slot.machine.run_id, None)
+            self.release(slot.machine.run_id)
             raise
         except BaseException:
             slot.machine = await self._rebuild(slot.machine.run_id)
@@ -378,8 +392,34 @@ class Engine:
             elif isinstance(effect, Finished):
                 self._finish(slot)
 
+    def release(self, run_id: str) -> bool:
+        """Stop driving a run (its partition moved to another daemon): in-flight attempts are cancelled and
+        their timers ignored; whoever owns the run now re-dispatches them from the log."""
+        slot = self._runs.pop(run_id, None)
+        if slot is None:
+            return False
+        for task in list(slot.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        return True
+
+    def _live(self, slot: _RunSlot) -> bool:
+        return self._runs.get(slot.machine.run_id) is slot
+
+    @staticmethod
+    def _reap(task: asyncio.Task[None]) -> None:
+        """Background work of a run: a takeover by another writer ends it quietly, anything else is logged."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ConflictError):
+            _log.info("run taken over by another writer", error=exc.message)
+        elif exc is not None:
+            _log.error("background work of a run failed", exc_info=exc)
+
     def _spawn(self, slot: _RunSlot, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.add_done_callback(self._reap)
         slot.tasks.add(task)
         task.add_done_callback(slot.tasks.discard)
 
@@ -405,6 +445,8 @@ class Engine:
         self._timers.add(handle)
 
     async def _wake(self, slot: _RunSlot, wake: Wake) -> None:
+        if not self._live(slot):
+            return
         if self.clock() < wake.at:
             self._arm(slot, wake)
             return
@@ -504,6 +546,8 @@ class Engine:
                 exchange_ref = await self.cas.put(result.exchange)  # the raw LLM exchange, for audit and replay
             patch, usage, result = result.patch, result.usage, result.output
         verdicts = await self._url_verdicts(patch) if patch is not None else _no_verdicts
+        if not self._live(slot):
+            return  # released while the attempt ran: the new owner runs it again and records that
         async with slot.lock:
             step = slot.machine.node_completed(
                 job.node_id,

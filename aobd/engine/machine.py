@@ -126,6 +126,8 @@ class RunMachine:
         #: Routing results of the last folded event, consumed by the command that emitted it.
         self._routed: tuple[list[int], list[int]] = ([], [])
         self._last_patch_routing: tuple[list[int], list[int]] = ([], [])
+        #: Recorded on every event this machine emits (a cluster's daemon id); not part of the fold.
+        self.writer: str | None = None
         #: Values of non-inline outputs, by ref, supplied when rebuilding from the log.
         self._blobs: Mapping[str, Any] = {}
 
@@ -150,6 +152,7 @@ class RunMachine:
         known_outputs: Mapping[str, Any] | None = None,
         url_check: UrlCheck | None = None,
         workspace_policy: Mapping[str, Any] | None = None,
+        writer: str | None = None,
     ) -> tuple[RunMachine, Step]:
         """Create a run: RunCreated, the overlay patches it starts with, and the scheduling of its sources.
 
@@ -181,8 +184,10 @@ class RunMachine:
             source_dir=source_dir,
             replay=replay,
             workspace_policy=dict(workspace_policy) if workspace_policy else None,
+            writer=writer,
         )
         machine = cls(created, document, ir_cache=cache)
+        machine.writer = writer
         machine.seq = 1
         machine._blobs = dict(known_outputs or {})
         step = Step(events=[created], blobs={base_ref: base_bytes, inputs_ref: inputs_bytes})
@@ -427,7 +432,9 @@ class RunMachine:
         return self._routed
 
     def _next(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "seq": self.seq + 1}
+        if self.writer is None:
+            return {"run_id": self.run_id, "seq": self.seq + 1}
+        return {"run_id": self.run_id, "seq": self.seq + 1, "writer": self.writer}
 
     def _schedule(self, step: Step, ready: Iterable[int], now: float) -> None:
         """Emit what routing decided: dispatch ready nodes (or set their timers and tickets)."""

@@ -31,6 +31,9 @@ class Event(msgspec.Struct, tag_field="type", omit_defaults=True, kw_only=True):
     run_id: str
     seq: int
     ts: float
+    #: The daemon that appended the event, in a cluster (omitted on a single daemon): the audit trail of
+    #: which daemon drove a run when.
+    writer: str | None = None
 
 
 class RunCreated(Event, tag="RunCreated"):
