@@ -120,6 +120,13 @@ class RedisConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = ""
 
 
+class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: Several daemons share the runs: ownership by Kafka partition (needs [kafka], Postgres and S3).
+    enabled: bool = False
+    #: This daemon's name in the cluster (recorded as the writer of its events); empty: hostname:pid.
+    daemon_id: str = ""
+
+
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: "full" records every event; "fast" leaves out NodeScheduled/NodeStarted (env AOBD_FIDELITY).
     fidelity: Literal["full", "fast"] = "full"
@@ -141,6 +148,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     s3: S3Config = msgspec.field(default_factory=S3Config)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    #: The Kafka bus (aobd.bus.kafka.KafkaConfig): brokers, topic names, partitions, client settings.
+    kafka: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Per-workspace patch governance: ``[workspaces.acme] patches = "approve"``.
     workspaces: dict[str, WorkspacePolicyConfig] = msgspec.field(default_factory=dict)
 
@@ -168,6 +178,8 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_LOG_LEVEL": ("daemon.log_level", str),
     "AOBD_POSTGRES_DSN": ("storage.postgres_dsn", str),
     "AOBD_REDIS_URL": ("redis.url", str),
+    "AOBD_KAFKA_BOOTSTRAP": ("kafka.bootstrap", str),
+    "AOBD_DAEMON_ID": ("cluster.daemon_id", str),
 }
 
 

@@ -13,6 +13,7 @@ process groups; the Service, Api and AdminServer seams stay as they are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import ipaddress
 import signal
@@ -81,6 +82,29 @@ def log_events(events: list[ev.Event]) -> None:
         getattr(log, level)(kind, run_id=event.run_id, seq=event.seq, **fields)
 
 
+def make_coordinator(config: Config, service: Service) -> Any:
+    """The cluster coordinator of ``[cluster] enabled = true``; the shared stores are a precondition."""
+    import os
+    import socket
+
+    import msgspec
+
+    from aobd.bus.kafka import KafkaConfig
+    from aobd.cluster.coordinator import ClusterCoordinator
+
+    if config.storage.event_log != "postgres" or config.storage.cas != "s3":
+        raise ConfigError("cluster.enabled needs shared stores: storage.event_log = 'postgres' and storage.cas = 's3'")
+    try:
+        kafka = msgspec.convert(config.kafka, KafkaConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid [kafka] configuration: {exc}") from None
+    daemon_id = config.cluster.daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+    service.engine.writer_id = daemon_id
+    coordinator = ClusterCoordinator(service.engine, kafka, daemon_id)
+    service.cluster = coordinator
+    return coordinator
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -120,6 +144,9 @@ class Daemon:
         self.service.engine.listeners.append(log_events)
         self.api = Api(self.service, listen=config.api.listen, hub=self.hub, metrics=self.metrics)
         self.admin = AdminServer(self.api, config.admin_socket, drain=self.request_stop)
+        self.cluster: Any = None
+        if config.cluster.enabled:
+            self.cluster = make_coordinator(config, self.service)
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._servers: list[tuple[Any, asyncio.Task[Any]]] = []
@@ -149,6 +176,11 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         started = time.perf_counter()
+        if self.cluster is not None:
+            await self.cluster.start()
+            # Serve once this daemon knows its partitions (their runs are resumed by the assignment hook).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cluster.ready.wait(), 60)
         resumed = await self.service.start()
         for run_id in resumed:
             # Gauges (active runs, pending approvals) and workflow labels of runs this start took over.
@@ -220,6 +252,8 @@ class Daemon:
         grace = self.config.daemon.drain_grace_s
         log.info("draining", inflight=self.service.engine.inflight(), grace_s=grace)
         finished = await self.service.drain(grace)
+        if self.cluster is not None:
+            await self.cluster.close()  # leave the group: the partitions move to the other daemons now
         if not finished:
             log.warning(
                 "drain grace period over; unfinished attempts will run again on the next start",

@@ -95,6 +95,8 @@ class Service:
             workspace_policy=config.workspace_policy,
         )
         self._workspace_of: dict[str, str] = {}
+        #: Set in a cluster: which runs this daemon drives (aobd.cluster.coordinator.ClusterCoordinator).
+        self.cluster: Any = None
         #: The agent.jobs channel for external runners (claimed over the HTTP API).
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs
@@ -104,8 +106,8 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[str]:
-        """Resume every unfinished run, then report ready."""
-        resumed = await self.engine.resume_all()
+        """Resume every unfinished run (a cluster resumes only its partitions' runs), then report ready."""
+        resumed = [] if self.cluster is not None else await self.engine.resume_all()
         for run_id in resumed:
             machine = await self.engine.load(run_id)
             self._workspace_of[run_id] = machine.workspace
@@ -240,11 +242,28 @@ class Service:
         load_workflow(document, source="definition")
         self._check_handlers(document)
         overlays = await self._patch_set(caller, body.patch_set or [], document)
-        await self.engine.start_run(document, body.inputs, run_id=run_id, workspace=caller.workspace, overlays=overlays)
+        drive = self.cluster is None or self.cluster.owns(run_id)
+        await self.engine.start_run(
+            document, body.inputs, run_id=run_id, workspace=caller.workspace, overlays=overlays, drive=drive
+        )
+        if not drive:
+            await self.cluster.announce(run_id)  # its owner carries it on from the log
+            if wait_s > 0:
+                await self._wait_in_log(run_id, wait_s)
+            return (await self.engine.load(run_id)).summary()
         if wait_s > 0:
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(self.engine.wait(run_id), wait_s)
         return (await self.engine.load(run_id)).summary()
+
+    async def _wait_in_log(self, run_id: str, wait_s: float) -> None:
+        """Wait for a run another daemon drives to finish, watching its status in the shared log."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            info = await self.log.get_run(run_id)
+            if info is not None and info.status in ("completed", "failed", "cancelled"):
+                return
+            await asyncio.sleep(0.05)
 
     async def _patch_set(self, caller: Caller, patch_ids: list[str], document: dict[str, Any]) -> list[PatchProposal]:
         """A/B: earlier patches (from any run of the same workflow in this workspace) to start a run with."""
@@ -320,6 +339,11 @@ class Service:
 
     async def _running(self, caller: Caller, run_id: str) -> RunMachine:
         machine = await self._machine(caller, run_id)
+        if self.cluster is not None and machine.status == "running" and not self.cluster.owns(run_id):
+            raise Conflict(
+                f"run {run_id} is driven by another daemon of the cluster; send this request to it "
+                "(forwarding commands between daemons is not built yet)"
+            )
         if machine.status != "running":
             raise Conflict(f"run {run_id} is {machine.status}; patches and decisions apply only to running runs")
         return machine
@@ -405,7 +429,11 @@ class Service:
             runs_active=len(self.engine.active_runs()),
             draining=self.draining,
             listen=listen,
-            planes={"mode": "single-process", "inflight": self.engine.inflight()},
+            planes={
+                "mode": "single-process",
+                "inflight": self.engine.inflight(),
+                **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
+            },
         )
 
     def config_view(self) -> dict[str, Any]:

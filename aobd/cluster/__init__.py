@@ -1,0 +1,1 @@
+"""Several daemons, one cluster: run ownership by Kafka partition assignment."""

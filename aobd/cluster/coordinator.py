@@ -1,0 +1,138 @@
+"""Run ownership across daemons: the partition of a run in Kafka decides which daemon drives it.
+
+Every daemon's coordinator joins one consumer group on the results topic. Kafka's group protocol assigns the
+partitions; a daemon drives exactly the runs whose partition it holds (``partition_of(run_id)``, murmur2 like
+the Java clients). No clustering code of our own decides anything:
+
+- **Starting a run anywhere.** The daemon that received the request records the run's first step in the
+  shared event log. If it does not own the run, it publishes a ``resume`` message keyed by run_id; the owner
+  consumes it and carries the run on from the log.
+- **Assignment.** When partitions are assigned, the new owner lists the unfinished runs of those partitions in
+  the event log and resumes each (rebuild from events, re-dispatch running attempts, re-arm wakes).
+- **Revocation.** When partitions are revoked the daemon stops driving their runs. If it is slow to notice, its
+  next append conflicts with the new owner's (expected seq), and it stops then: the log has one writer.
+- Offsets are committed after the messages' effects are durable (at-least-once); a duplicate ``resume`` is a
+  no-op.
+
+Node attempts still execute in the owning daemon's process; publishing them to the ``node.jobs.*`` topics for a
+runner plane is the next step (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+import structlog
+
+from aobd.bus.kafka import KafkaConfig, KafkaConsumer, KafkaProducer, Partition, ensure_topics, partition_of
+from aobd.engine.driver import Engine
+from aobd.errors import NotFound
+
+log = structlog.get_logger("aobd.cluster")
+
+
+class Nudge(msgspec.Struct, frozen=True):
+    kind: str  # "resume"
+    run_id: str
+    sender: str
+
+
+class ClusterCoordinator:
+    def __init__(self, engine: Engine, config: KafkaConfig, daemon_id: str) -> None:
+        self.engine = engine
+        self.config = config
+        self.daemon_id = daemon_id
+        self.topic = config.results_topic
+        self._producer: KafkaProducer | None = None
+        self._consumer: KafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._owned: set[int] = set()
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(Nudge)
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        await ensure_topics(self.config)
+        self._producer = KafkaProducer(self.config)
+        self._consumer = KafkaConsumer(
+            self.config, [self.topic], self.config.group_id, on_assign=self._assigned, on_revoke=self._revoked
+        )
+        self._task = asyncio.create_task(self._consume())
+
+    def owns(self, run_id: str) -> bool:
+        return partition_of(run_id, self.config.partitions) in self._owned
+
+    async def announce(self, run_id: str) -> None:
+        """Tell the run's owner, whoever it is, to carry the run on from the log."""
+        assert self._producer is not None
+        value = self._encoder.encode(Nudge("resume", run_id, self.daemon_id))
+        await self._producer.send(self.topic, run_id, value)
+
+    async def _assigned(self, partitions: frozenset[Partition]) -> None:
+        numbers = {p.partition for p in partitions if p.topic == self.topic}
+        self._owned |= numbers
+        resumed = 0
+        for run_id in await self.engine.log.unfinished_runs():
+            if partition_of(run_id, self.config.partitions) in numbers:
+                resumed += await self._resume(run_id)
+        self.ready.set()
+        log.info("partitions assigned", partitions=sorted(numbers), resumed_runs=resumed, daemon=self.daemon_id)
+
+    async def _revoked(self, partitions: frozenset[Partition]) -> None:
+        numbers = {p.partition for p in partitions if p.topic == self.topic}
+        self._owned -= numbers
+        released = [
+            run_id
+            for run_id in self.engine.active_runs()
+            if partition_of(run_id, self.config.partitions) in numbers and self.engine.release(run_id)
+        ]
+        log.info("partitions revoked", partitions=sorted(numbers), released_runs=len(released), daemon=self.daemon_id)
+
+    async def _resume(self, run_id: str) -> int:
+        try:
+            await self.engine.resume(run_id)
+        except NotFound:
+            return 0  # its first step is not in the log yet; the creator's nudge will bring us back
+        return 1
+
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        while True:
+            try:
+                messages = await self._consumer.poll_batch(500, 0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("polling the cluster topic failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                try:
+                    nudge = self._decoder.decode(message.value)
+                except msgspec.DecodeError:
+                    log.warning("ignoring a malformed cluster message", offset=message.offset)
+                    continue
+                if nudge.kind == "resume" and self.owns(nudge.run_id):
+                    await self._resume(nudge.run_id)
+            if messages:
+                await self._consumer.commit(messages)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.close()
+        if self._producer is not None:
+            self._producer.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon_id": self.daemon_id,
+            "owned_partitions": sorted(self._owned),
+            "partitions": self.config.partitions,
+        }
