@@ -1,0 +1,223 @@
+"""Three daemons, one cluster (Postgres, a Kafka-protocol broker, S3, Redis): nothing is lost when a daemon
+dies or the broker restarts, and every run has one writer at a time."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.daemon import ROOT, Daemon, free_port
+from tests.services import postgres_admin_dsn, redis_url, service_missing
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+SLOW = {
+    "name": "slow",
+    "nodes": [{"id": f"n{i}", "type": "function", "config": {"handler": "builtin:sleep", "ms": 300}} for i in range(4)],
+    "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(3)],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    try:
+        import boto3
+        import psycopg
+        from moto.server import ThreadedMotoServer
+
+        from tests.kafka_broker import start_broker
+    except ImportError as exc:
+        service_missing("the cluster extras (psycopg, boto3, moto, confluent-kafka)", str(exc))
+    admin = postgres_admin_dsn()
+    database = f"aobd_multi_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **_creds()).create_bucket(Bucket="aobd-cas")
+    broker = start_broker()
+    try:
+        yield {
+            "dsn": admin.rsplit("/", 1)[0] + f"/{database}",
+            "endpoint": endpoint,
+            "redis": redis_url(),
+            "broker": broker,
+            "base": Path(tmp_path_factory.mktemp("multinode")),
+        }
+    finally:
+        broker.close()
+        moto.stop()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _creds() -> dict[str, str]:
+    return {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+
+
+def daemon(cluster: dict[str, Any], name: str, topic_prefix: str) -> Daemon:
+    base: Path = cluster["base"]
+    consumer = "\n".join(f'"{k}" = {json.dumps(v)}' for k, v in cluster["broker"].consumer_settings.items())
+    config = base / f"{name}.toml"
+    config.write_text(
+        "[storage]\n"
+        f'event_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\npostgres_dsn = "{cluster["dsn"]}"\n'
+        f'[s3]\nbucket = "aobd-cas"\nendpoint_url = "{cluster["endpoint"]}"\nregion = "us-east-1"\n'
+        f'[redis]\nurl = "{cluster["redis"]}"\n'
+        "[limits]\nrun_starts_per_s = 0\n"
+        '[security]\nhandler_modules = ["perf.w6_handlers"]\n'
+        f'[cluster]\nenabled = true\ndaemon_id = "{name}"\n'
+        f'[kafka]\nbootstrap = "{cluster["broker"].bootstrap}"\npartitions = 6\ngroup_id = "{topic_prefix}"\n'
+        f'results_topic = "{topic_prefix}.results"\nevents_topic = "{topic_prefix}.events"\n'
+        f'jobs_high_topic = "{topic_prefix}.jobs.high"\njobs_medium_topic = "{topic_prefix}.jobs.medium"\n'
+        f'jobs_low_topic = "{topic_prefix}.jobs.low"\nagent_jobs_topic = "{topic_prefix}.agent.jobs"\n'
+        f'agent_results_topic = "{topic_prefix}.agent.results"\n'
+        f"[kafka.consumer]\n{consumer}\n"
+    )
+    return Daemon(base / name, free_port(), config=config)
+
+
+def start_runs(daemons: list[Daemon], documents: list[tuple[dict[str, Any], Any]]) -> list[str]:
+    """Start every document, round-robin over the daemons, from a few client threads."""
+    run_ids: list[str | None] = [None] * len(documents)
+
+    def client(offset: int, step: int) -> None:
+        for i in range(offset, len(documents), step):
+            document, inputs = documents[i]
+            reply = daemons[i % len(daemons)].request("POST", "/v1/runs", {"definition": document, "inputs": inputs})
+            assert reply.status == 201, reply.body
+            run_ids[i] = reply.body["run_id"]
+
+    threads = [threading.Thread(target=client, args=(k, 4)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(run_ids)
+    return [r for r in run_ids if r]
+
+
+def wait_all_completed(dsn: str, run_ids: list[str], timeout: float = 240) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn) as conn:
+        while time.monotonic() < deadline:
+            rows = conn.execute(
+                "SELECT status, count(*) FROM runs WHERE run_id = ANY(%s) GROUP BY status", (run_ids,)
+            ).fetchall()
+            conn.commit()
+            if dict(rows).get("completed", 0) == len(run_ids):
+                return
+            time.sleep(0.5)
+    raise AssertionError(f"runs not all completed: {dict(rows)}")
+
+
+def check_history(dsn: str, run_ids: list[str]) -> Counter[int]:
+    """Exactly one NodeCompleted per (run, node), gap-free seqs, and one writer at a time (writer segments)."""
+    import psycopg
+
+    segments: Counter[int] = Counter()
+    with psycopg.connect(dsn) as conn:
+        for run_id in run_ids:
+            rows = conn.execute("SELECT seq, data FROM events WHERE run_id = %s ORDER BY seq", (run_id,)).fetchall()
+            events = [json.loads(bytes(data)) for _, data in rows]
+            assert [seq for seq, _ in rows] == list(range(1, len(rows) + 1)), run_id
+            completions = Counter(e["node_id"] for e in events if e["type"] == "NodeCompleted")
+            assert completions and max(completions.values()) == 1, (run_id, completions)
+            assert events[-1]["type"] == "RunCompleted", run_id
+            writers = [e.get("writer") for e in events]
+            assert None not in writers, run_id
+            # Creation by the receiving daemon, then its owner, then at most a takeover and a hand-back: two
+            # daemons writing at once would interleave far more often than that.
+            runs_of_writers = [w for w, _ in groupby(writers)]
+            assert len(runs_of_writers) <= 4, (run_id, runs_of_writers)
+            segments[len(runs_of_writers)] += 1
+    return segments
+
+
+def test_three_daemons_lose_nothing_when_one_is_killed(cluster: dict[str, Any]) -> None:
+    from perf.w6 import w6_document
+
+    agentic = json.loads((ROOT / "examples" / "agentic" / "workflow.json").read_text())
+    inputs = json.loads((ROOT / "examples" / "agentic" / "inputs.json").read_text())
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    daemons = [daemon(cluster, name, prefix) for name in ("a", "b", "c")]
+    for d in daemons:
+        d.start(extra_env=ENV)
+    try:
+        # The group divides all partitions among the three (after the joins' rebalances settle).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            owned = [
+                d.request("GET", "/v1/admin/status").body["planes"]["cluster"]["owned_partitions"] for d in daemons
+            ]
+            if sorted(p for parts in owned for p in parts) == list(range(6)) and all(owned):
+                break
+            time.sleep(0.2)
+        assert sorted(p for parts in owned for p in parts) == list(range(6)) and all(owned), owned
+        documents = [(w6_document(), {"x": 1})] * 300 + [(agentic, inputs)] * 50 + [(SLOW, {})] * 30
+        run_ids = start_runs(daemons, documents)
+        killed_at = time.time()
+        daemons[1].stop(signal.SIGKILL)  # mid-load (the slow runs are still going): its runs move to a and c
+        time.sleep(5)
+        daemons[1].start(extra_env=ENV)  # and back: partitions rebalance again
+        wait_all_completed(cluster["dsn"], run_ids)
+    finally:
+        for d in daemons:
+            if d.proc is not None:
+                d.stop()
+    segments = check_history(cluster["dsn"], run_ids)
+    assert sum(segments.values()) == 380
+    assert interrupted(cluster["dsn"], run_ids, "b", killed_at) > 0, "the kill landed after b's runs were done"
+
+
+def interrupted(dsn: str, run_ids: list[str], dead: str, killed_at: float) -> int:
+    """Runs that daemon ``dead`` was driving when it was killed (it recorded node completions before) and that
+    were carried on after the kill (by another daemon, or by ``dead`` itself once restarted)."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT run_id, array_agg(convert_from(data, 'UTF8') ORDER BY seq) FROM events "
+            "WHERE run_id = ANY(%s) GROUP BY run_id",
+            (run_ids,),
+        ).fetchall()
+    count = 0
+    for _, raw in rows:
+        events = [json.loads(text) for text in raw]
+        drove = any(e.get("writer") == dead and e["type"] == "NodeCompleted" and e["ts"] < killed_at for e in events)
+        if drove and events[-1]["ts"] > killed_at:
+            count += 1
+    return count
+
+
+def test_broker_restart_loses_nothing(cluster: dict[str, Any]) -> None:
+    if not cluster["broker"].can_restart:
+        pytest.skip("AOBD_TEST_KAFKA points at an external broker, which this test cannot restart")
+    slow = SLOW
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    daemons = [daemon(cluster, name, prefix) for name in ("d", "e")]
+    for d in daemons:
+        d.start(extra_env=ENV)
+    try:
+        first = start_runs(daemons, [(slow, {})] * 30)
+        cluster["broker"].restart()
+        later = start_runs(daemons, [(slow, {})] * 30)
+        wait_all_completed(cluster["dsn"], first + later)
+    finally:
+        for d in daemons:
+            d.stop()
+    check_history(cluster["dsn"], first + later)
