@@ -263,17 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
     parser.add_argument("--data-dir", help="keep the stores here (default: a temporary directory)")
     parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
+    parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
-    if args.mode == "cluster":
-        print("--mode cluster needs the scale-out backends; not available yet", file=sys.stderr)
-        return 2
     import uvloop
 
     with tempfile.TemporaryDirectory(prefix="aobd-w6-") as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            if args.mode == "http2":
+            if args.mode == "cluster":
+                from perf.cluster import run_cluster
+
+                result = runner.run(run_cluster(args.runs, args.concurrency, args.daemons, data_dir))
+            elif args.mode == "http2":
                 result = runner.run(run_h2load(args.runs, args.concurrency, data_dir / "data", args.fidelity))
             elif args.mode == "http":
                 result = runner.run(run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity))

@@ -155,7 +155,9 @@ class KafkaBroker:
                     "--advertised-listener-url",
                     url,
                     "--storage-engine",
-                    f"s3://{BUCKET}/",
+                    # Benchmarks may take memory storage (AOBD_TANSU_STORAGE=memory): no S3 round trip per
+                    # produce, but nothing survives a restart, so the restart test keeps the default.
+                    "memory://tansu/" if os.environ.get("AOBD_TANSU_STORAGE") == "memory" else f"s3://{BUCKET}/",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

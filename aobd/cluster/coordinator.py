@@ -109,6 +109,7 @@ class ClusterCoordinator:
                 log.exception("polling the cluster topic failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
+            runs = set()
             for message in messages:
                 try:
                     nudge = self._decoder.decode(message.value)
@@ -116,7 +117,10 @@ class ClusterCoordinator:
                     log.warning("ignoring a malformed cluster message", offset=message.offset)
                     continue
                 if nudge.kind == "resume" and self.owns(nudge.run_id):
-                    await self._resume(nudge.run_id)
+                    runs.add(nudge.run_id)
+            # Each resume reads the run from the shared log: do a batch's concurrently (measured: serially, a
+            # three-daemon cluster spent most of its time here).
+            await asyncio.gather(*(self._resume(run_id) for run_id in runs))
             if messages:
                 await self._consumer.commit(messages)
 

@@ -1,0 +1,116 @@
+"""W6 on the cluster configuration: N daemons sharing Postgres, a Kafka-protocol broker (Tansu, started here),
+S3 (moto's server) and Redis; used by ``python -m perf.w6 --mode cluster --daemons N``.
+
+Clients keep ``concurrency`` W6 runs in flight, spread round-robin over the daemons, each started with
+``POST /v1/runs?wait=60``; a daemon that does not own a run answers once the run's status in the shared log is
+final, so latency includes that polling (50 ms steps). Hops come from the events of a sample of runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+
+def _setup(stack: ExitStack, base: Path) -> dict[str, Any]:
+    import boto3
+    import psycopg
+    from moto.server import ThreadedMotoServer
+
+    from tests.integration.daemon import free_port
+    from tests.kafka_broker import start_broker
+
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    database = f"aobd_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+    stack.callback(drop)
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    moto.start()
+    stack.callback(moto.stop)
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="aobd-cas")
+    broker = start_broker()
+    stack.callback(broker.close)
+    return {"dsn": admin.rsplit("/", 1)[0] + f"/{database}", "endpoint": endpoint, "broker": broker, "base": base}
+
+
+def _config(env: dict[str, Any], name: str) -> Path:
+    consumer = "\n".join(f'"{k}" = {json.dumps(v)}' for k, v in env["broker"].consumer_settings.items())
+    path: Path = env["base"] / f"{name}.toml"
+    path.write_text(
+        f'[storage]\nevent_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\npostgres_dsn = "{env["dsn"]}"\n'
+        f'[s3]\nbucket = "aobd-cas"\nendpoint_url = "{env["endpoint"]}"\nregion = "us-east-1"\n'
+        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n'
+        f'[cluster]\nenabled = true\ndaemon_id = "{name}"\n'
+        f'[kafka]\nbootstrap = "{env["broker"].bootstrap}"\npartitions = 6\n'
+        f"[kafka.consumer]\n{consumer}\n"
+    )
+    return path
+
+
+async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path) -> dict[str, Any]:
+    import aiohttp
+
+    from perf.w6 import _event_hops, percentile, w6_document
+    from tests.integration.daemon import Daemon, free_port
+
+    env_extra = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AOBD_LOG_LEVEL": "warning"}
+    with ExitStack() as stack:
+        env = await asyncio.to_thread(_setup, stack, base)
+        nodes = [Daemon(base / f"d{i}", free_port(), config=_config(env, f"d{i}")) for i in range(daemons)]
+        for node in nodes:
+            await asyncio.to_thread(node.start, extra_env=env_extra)
+            stack.callback(node.stop)
+        await asyncio.sleep(3)  # let the group's rebalances settle before measuring
+        body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
+        latencies: list[float] = []
+        run_ids: list[str] = []
+        done: list[bool] = []
+        async with aiohttp.ClientSession(headers={"content-type": "application/json"}) as http:
+            queue = iter(range(runs))
+
+            async def client(k: int) -> None:
+                for i in queue:
+                    url = nodes[(i + k) % len(nodes)].url
+                    t0 = time.perf_counter()
+                    async with http.post(f"{url}/v1/runs?wait=60", data=body) as resp:
+                        summary = await resp.json()
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
+                    run_ids.append(summary.get("run_id", ""))
+                    done.append(summary.get("status") == "completed")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client(k) for k in range(concurrency)))
+            elapsed = time.perf_counter() - started
+            hops: list[float] = []
+            for run_id in [r for r in run_ids if r][:: max(1, len(run_ids) // 200)]:
+                async with http.get(f"{nodes[0].url}/v1/runs/{run_id}/events") as resp:
+                    hops.extend(_event_hops(await resp.json()))
+    return {
+        "mode": "cluster",
+        "daemons": daemons,
+        "runs": runs,
+        "concurrency": concurrency,
+        "completed": sum(done),
+        "seconds": round(elapsed, 3),
+        "workflows_per_s": round(runs / elapsed, 1),
+        "node_executions_per_s": round(6 * runs / elapsed, 1),
+        "run_latency_p50_ms": round(percentile(latencies, 0.5), 3),
+        "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
+        "hop_p50_ms": round(percentile(hops, 0.5), 3),
+        "hop_p99_ms": round(percentile(hops, 0.99), 3),
+        "peak_rss_mb": None,
+    }
