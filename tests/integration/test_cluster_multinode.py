@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 SLOW = {
     "name": "slow",
-    "nodes": [{"id": f"n{i}", "type": "function", "config": {"handler": "builtin:sleep", "ms": 300}} for i in range(4)],
+    "nodes": [{"id": f"n{i}", "type": "function", "config": {"handler": "builtin:sleep", "ms": 500}} for i in range(4)],
     "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(3)],
 }
 
@@ -170,8 +170,9 @@ def test_three_daemons_lose_nothing_when_one_is_killed(cluster: dict[str, Any]) 
         assert sorted(p for parts in owned for p in parts) == list(range(6)) and all(owned), owned
         documents = [(w6_document(), {"x": 1})] * 300 + [(agentic, inputs)] * 50 + [(SLOW, {})] * 30
         run_ids = start_runs(daemons, documents)
+        wait_until_driving(cluster["dsn"], "b")  # kill b mid-work: while it drives unfinished runs
         killed_at = time.time()
-        daemons[1].stop(signal.SIGKILL)  # mid-load (the slow runs are still going): its runs move to a and c
+        daemons[1].stop(signal.SIGKILL)  # its runs move to a and c
         time.sleep(5)
         daemons[1].start(extra_env=ENV)  # and back: partitions rebalance again
         wait_all_completed(cluster["dsn"], run_ids)
@@ -182,6 +183,24 @@ def test_three_daemons_lose_nothing_when_one_is_killed(cluster: dict[str, Any]) 
     segments = check_history(cluster["dsn"], run_ids)
     assert sum(segments.values()) == 380
     assert interrupted(cluster["dsn"], run_ids, "b", killed_at) > 0, "the kill landed after b's runs were done"
+
+
+def wait_until_driving(dsn: str, writer: str, timeout: float = 60) -> None:
+    """Until ``writer`` has recorded a node completion of a run that is still running."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM events e JOIN runs r USING (run_id) WHERE r.status = 'running' "
+                "AND e.type = 'NodeCompleted' AND convert_from(e.data, 'UTF8')::json->>'writer' = %s",
+                (writer,),
+            ).fetchone()
+            if row and row[0] > 0:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"daemon {writer} never drove a run that was still running")
 
 
 def interrupted(dsn: str, run_ids: list[str], dead: str, killed_at: float) -> int:

@@ -608,7 +608,9 @@ def test_logs_stream_takes_a_json_list_for_a_stream(daemon: FakeDaemon, capsys: 
     daemon.finished.clear()
     daemon.stream_plans = [("json", 3)]
     assert _stream_seqs(capsys, "r1") == list(range(1, 8))
-    assert len(daemon.stream_headers) == 2
+    # Whether the client then streams again or reads the rest as JSON depends on when the fake run ends (timing
+    # under load); either way every event arrives once, in order, which is what the user relies on.
+    assert daemon.stream_headers[0] is None
 
 
 def test_logs_stream_reconnects_after_lagged(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
