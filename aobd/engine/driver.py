@@ -508,7 +508,7 @@ class Engine:
             idempotency_key=f"{machine.run_id}:{job.node_id}",
             timeout_s=job.timeout_s,
             workspace=machine.workspace,
-            services=self._services(machine),
+            services=self._services(machine, job.node.type),
         )
         started = time.perf_counter()
         async with self._inflight:
@@ -587,17 +587,21 @@ class Engine:
             )
             await self._commit(slot, step)
 
-    def _services(self, machine: RunMachine) -> dict[str, Any]:
-        return {
+    def _services(self, machine: RunMachine, node_type: str) -> dict[str, Any]:
+        services = {
             "version": machine.version,
-            "document": machine.doc,
-            "node_status": {nid: n.status for nid, n in machine.nodes.items()},
             "http_allow": self._http_allow,
             "handler_modules": self.handler_modules,
             "agent_jobs": self.agent_jobs,
             "execute": self._run_node,
             "run_child": self._run_child,
         }
+        if node_type in ("agent", "map"):
+            # Only agents read the workflow and its node statuses: building them per attempt of every node
+            # would cost O(nodes) on the hot path.
+            services["document"] = machine.doc
+            services["node_status"] = {nid: n.status for nid, n in machine.nodes.items()}
+        return services
 
     # ------------------------------------------------------------------ http, SSRF and composites
 
