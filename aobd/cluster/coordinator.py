@@ -49,6 +49,8 @@ class ClusterCoordinator:
         self._producer: KafkaProducer | None = None
         self._consumer: KafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._relay_task: asyncio.Task[None] | None = None
+        self.relayed = 0
         self._owned: set[int] = set()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(Nudge)
@@ -61,6 +63,7 @@ class ClusterCoordinator:
             self.config, [self.topic], self.config.group_id, on_assign=self._assigned, on_revoke=self._revoked
         )
         self._task = asyncio.create_task(self._consume())
+        self._relay_task = asyncio.create_task(self._relay())
 
     def owns(self, run_id: str) -> bool:
         return partition_of(run_id, self.config.partitions) in self._owned
@@ -124,11 +127,45 @@ class ClusterCoordinator:
             if messages:
                 await self._consumer.commit(messages)
 
+    async def _relay(self) -> None:
+        """The outbox relay: committed events to the events topic, so an event is on Kafka iff it was committed.
+
+        One relay at a time keeps each run's events in order: the daemon that holds partition 0 of the results
+        topic relays (Kafka's group protocol elects it; a new holder takes over rows whose lease lapsed).
+        Delivery is at least once; consumers dedupe by ``(run_id, seq)``.
+        """
+        claim = getattr(self.engine.log, "claim_outbox", None)
+        if claim is None:
+            return  # a log without an outbox (not Postgres)
+        mark = self.engine.log.mark_published  # type: ignore[attr-defined]
+        while True:
+            try:
+                entries = await claim(500) if 0 in self._owned else []
+                if not entries:
+                    await asyncio.sleep(0.2)
+                    continue
+                assert self._producer is not None
+                # Produced in claim order (ids follow seqs within a run); the producer keeps that order.
+                await asyncio.gather(
+                    *(
+                        self._producer.send(self.config.events_topic, e.record.run_id, e.record.data, seq=e.record.seq)
+                        for e in entries
+                    )
+                )
+                await mark([e.id for e in entries])
+                self.relayed += len(entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay failed; retrying")
+                await asyncio.sleep(0.5)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._relay_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._consumer is not None:
             await self._consumer.close()
         if self._producer is not None:
@@ -139,4 +176,5 @@ class ClusterCoordinator:
             "daemon_id": self.daemon_id,
             "owned_partitions": sorted(self._owned),
             "partitions": self.config.partitions,
+            "outbox_relayed": self.relayed,
         }

@@ -41,7 +41,8 @@ async def open_stores(config: Config) -> Stores:
 
         if storage.migrate_on_start:
             await migrate(storage.postgres_dsn)
-        log = await PostgresEventLog.connect(storage.postgres_dsn)
+        # In a cluster the events leave through the transactional outbox (relayed to Kafka).
+        log = await PostgresEventLog.connect(storage.postgres_dsn, outbox=config.cluster.enabled)
         meta = await PostgresMetaStore.connect(storage.postgres_dsn)
     else:
         from aobd.store.meta import SqliteMetaStore
