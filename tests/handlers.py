@@ -37,3 +37,8 @@ async def slow(inputs: dict[str, Any]) -> str:
 def count(inputs: dict[str, Any], ctx: Any) -> int:
     CALLS[ctx.idempotency_key] = CALLS.get(ctx.idempotency_key, 0) + 1
     return CALLS[ctx.idempotency_key]
+
+
+def big(inputs: dict[str, Any]) -> dict[str, Any]:
+    """An output larger than the inline limit, so it lives only in the CAS."""
+    return {"route": "yes", "padding": "x" * 10_000}

@@ -128,7 +128,7 @@ class RunMachine:
         self._last_patch_routing: tuple[list[int], list[int]] = ([], [])
         #: Recorded on every event this machine emits (a cluster's daemon id); not part of the fold.
         self.writer: str | None = None
-        #: Values of non-inline outputs, by ref, supplied when rebuilding from the log.
+        #: Values of non-inline outputs, by ref: supplied when rebuilding from the log, added as they are made.
         self._blobs: Mapping[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
@@ -527,21 +527,7 @@ class RunMachine:
         node = self.nodes[node_id]
         node.status = "running"
         node.attempts = 1
-        inline = len(canonical_json(output)) <= ev.INLINE_OUTPUT_MAX
-        routed = self._emit(
-            step,
-            ev.NodeCompleted(
-                **self._next(),
-                ts=now,
-                node_id=node_id,
-                attempt=1,
-                output_ref=ref,
-                node_type=self._type_of(node_id),
-                output=output if inline else None,
-                inline=inline,
-                reused_from=plan.source_run,
-            ),
-        )
+        routed = self._emit_completed(step, node_id, 1, output, now, ref=ref, reused_from=plan.source_run)
         self._after_routing(step, routed, now)
         return True
 
@@ -644,28 +630,17 @@ class RunMachine:
             # Decided before this completion is routed, so edges the patch adds from this node are followed.
             self._propose(step, patch, now, node_id=node_id, url_check=url_check)
             pre_ready, pre_skipped = self._last_patch_routing
-        ref = sha256_ref(data)
-        step.blobs[ref] = data
-        inline = len(data) <= ev.INLINE_OUTPUT_MAX
-        routed = self._emit(
+        routed = self._emit_completed(
             step,
-            ev.NodeCompleted(
-                **self._next(),
-                ts=now,
-                node_id=node_id,
-                node_type=self._type_of(node_id),
-                attempt=attempt,
-                output_ref=ref,
-                output=output if inline else None,
-                inline=inline,
-                duration_ms=duration_ms,
-                usage=usage,
-                exchange_ref=exchange_ref,
-            ),
+            node_id,
+            attempt,
+            output,
+            now,
+            data=data,
+            duration_ms=duration_ms,
+            usage=usage,
+            exchange_ref=exchange_ref,
         )
-        if not inline:
-            self.nodes[node_id].output = output
-            self.context["nodes"][node_id] = {"output": output}
         self._after_routing(step, (pre_ready + routed[0], pre_skipped + routed[1]), now)
         return step
 
@@ -812,24 +787,46 @@ class RunMachine:
         return step
 
     def _complete_internal(self, step: Step, node_id: str, output: Any, now: float) -> None:
-        data = canonical_json(output)
-        ref = sha256_ref(data)
-        step.blobs[ref] = data
-        node = self.nodes[node_id]
-        routed = self._emit(
+        routed = self._emit_completed(step, node_id, self.nodes[node_id].attempts, output, now)
+        self._after_routing(step, routed, now)
+
+    def _emit_completed(
+        self,
+        step: Step,
+        node_id: str,
+        attempt: int,
+        output: Any,
+        now: float,
+        *,
+        data: bytes | None = None,
+        ref: str | None = None,
+        **extra: Any,
+    ) -> tuple[list[int], list[int]]:
+        """NodeCompleted, with the output inline when small. A new output's blob joins the step (``ref`` names a
+        recorded one instead). A large output's value is handed to the fold through ``_blobs``, so the routing
+        decided by this very event sees it."""
+        if data is None:
+            data = canonical_json(output)
+        if ref is None:
+            ref = sha256_ref(data)
+            step.blobs[ref] = data
+        inline = len(data) <= ev.INLINE_OUTPUT_MAX
+        if not inline:
+            self._blobs = {**self._blobs, ref: output}
+        return self._emit(
             step,
             ev.NodeCompleted(
                 **self._next(),
                 ts=now,
                 node_id=node_id,
                 node_type=self._type_of(node_id),
-                attempt=node.attempts,
+                attempt=attempt,
                 output_ref=ref,
-                output=output,
-                inline=True,
+                output=output if inline else None,
+                inline=inline,
+                **extra,
             ),
         )
-        self._after_routing(step, routed, now)
 
     def decide_approval(self, ticket: str, decision: str, by: str, reason: str, now: float) -> Step:
         """A person (or the deadline) decided an approval ticket. A second decision is refused."""

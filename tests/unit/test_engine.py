@@ -436,3 +436,14 @@ def test_cancel_stops_the_run() -> None:
     summary = run_async(scenario())
     assert summary["status"] == "cancelled"
     assert summary["error"]["by"] == "frank"
+
+
+def test_conditions_see_outputs_too_large_to_ride_inline() -> None:
+    doc = workflow(
+        [fn("big", "tests.handlers:big"), fn("yes"), fn("no")],
+        [edge("big", "yes", "nodes.big.output.route == 'yes'"), edge("big", "no", "nodes.big.output.route != 'yes'")],
+    )
+    summary, events = run_async(run_doc(doc))
+    done = next(e for e in events if isinstance(e, ev.NodeCompleted) and e.node_id == "big")
+    assert not done.inline
+    assert summary["nodes"]["yes"]["status"] == "completed" and summary["nodes"]["no"]["status"] == "skipped"
