@@ -11,66 +11,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-
-
-def _setup(stack: ExitStack, base: Path) -> dict[str, Any]:
-    import boto3
-    import psycopg
-    from moto.server import ThreadedMotoServer
-
-    from tests.integration.daemon import free_port
-    from tests.kafka_broker import start_broker
-
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    database = f"aobd_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-    stack.callback(drop)
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    moto.start()
-    stack.callback(moto.stop)
-    endpoint = f"http://127.0.0.1:{port}"
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="aobd-cas")
-    broker = start_broker()
-    stack.callback(broker.close)
-    return {"dsn": admin.rsplit("/", 1)[0] + f"/{database}", "endpoint": endpoint, "broker": broker, "base": base}
-
-
-def _config(env: dict[str, Any], name: str) -> Path:
-    consumer = "\n".join(f'"{k}" = {json.dumps(v)}' for k, v in env["broker"].consumer_settings.items())
-    path: Path = env["base"] / f"{name}.toml"
-    path.write_text(
-        f'[storage]\nevent_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\npostgres_dsn = "{env["dsn"]}"\n'
-        f'[s3]\nbucket = "aobd-cas"\nendpoint_url = "{env["endpoint"]}"\nregion = "us-east-1"\n'
-        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n'
-        f'[cluster]\nenabled = true\ndaemon_id = "{name}"\n'
-        f'[kafka]\nbootstrap = "{env["broker"].bootstrap}"\npartitions = 6\n'
-        f"[kafka.consumer]\n{consumer}\n"
-    )
-    return path
 
 
 async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path) -> dict[str, Any]:
     import aiohttp
 
     from perf.w6 import _event_hops, percentile, w6_document
+    from tests.cluster_services import AWS_ENV, cluster_config, shared_services
     from tests.integration.daemon import Daemon, free_port
 
-    env_extra = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AOBD_LOG_LEVEL": "warning"}
+    env_extra = {**AWS_ENV, "AOBD_LOG_LEVEL": "warning"}
     with ExitStack() as stack:
-        env = await asyncio.to_thread(_setup, stack, base)
-        nodes = [Daemon(base / f"d{i}", free_port(), config=_config(env, f"d{i}")) for i in range(daemons)]
+        env = stack.enter_context(shared_services(kafka=True))
+        nodes = [
+            Daemon(base / f"d{i}", free_port(), config=cluster_config(env, base / f"d{i}.toml", daemon_id=f"d{i}"))
+            for i in range(daemons)
+        ]
         for node in nodes:
             await asyncio.to_thread(node.start, extra_env=env_extra)
             stack.callback(node.stop)

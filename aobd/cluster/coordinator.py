@@ -140,7 +140,8 @@ class ClusterCoordinator:
         mark = self.engine.log.mark_published  # type: ignore[attr-defined]
         while True:
             try:
-                entries = await claim(500) if 0 in self._owned else []
+                # A short lease: rows of a publish that failed (broker down) are claimed again soon.
+                entries = await claim(500, lease=5.0) if 0 in self._owned else []
                 if not entries:
                     await asyncio.sleep(0.2)
                     continue

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,63 +13,24 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_services import AWS_ENV, cluster_config, shared_services
 from tests.integration.daemon import ROOT, Daemon, free_port
-from tests.services import postgres_admin_dsn, redis_url, service_missing
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    try:
-        import boto3
-        import psycopg
-        from moto.server import ThreadedMotoServer
-    except ImportError as exc:
-        service_missing("the cluster extras (psycopg, boto3, moto)", str(exc))
-    admin = postgres_admin_dsn()
-    database = f"aobd_cluster_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
-    )
-    s3.create_bucket(Bucket="aobd-cas")
-    try:
-        yield {
-            "dsn": admin.rsplit("/", 1)[0] + f"/{database}",
-            "endpoint": endpoint,
-            "redis": redis_url(),
-            "base": str(tmp_path_factory.mktemp("cluster")),
-        }
-    finally:
-        moto.stop()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with shared_services(kafka=False) as services:
+        yield {**services, "base": tmp_path_factory.mktemp("cluster")}
 
 
-def cluster_daemon(backends: dict[str, str], name: str) -> Daemon:
-    base = Path(backends["base"])
-    config = base / f"{name}.toml"
-    config.write_text(
-        "[storage]\n"
-        'event_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\n'
-        f'postgres_dsn = "{backends["dsn"]}"\n'
-        "[s3]\n"
-        f'bucket = "aobd-cas"\nendpoint_url = "{backends["endpoint"]}"\nregion = "us-east-1"\n'
-        "[redis]\n"
-        f'url = "{backends["redis"]}"\n'
-        "[limits]\nrun_starts_per_s = 0\n"
-        '[security]\nhandler_modules = ["perf.w6_handlers"]\n'
-    )
-    return Daemon(base / name, free_port(), config=config)
+def cluster_daemon(backends: dict[str, Any], name: str) -> Daemon:
+    base: Path = backends["base"]
+    return Daemon(base / name, free_port(), config=cluster_config(backends, base / f"{name}.toml"))
 
 
-ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+ENV = AWS_ENV
 
 
 def test_runs_on_postgres_and_s3_complete_and_survive_kill_9(backends: dict[str, str]) -> None:

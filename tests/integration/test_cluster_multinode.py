@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from tests.cluster_services import AWS_ENV, cluster_config, shared_services
 from tests.integration.daemon import ROOT, Daemon, free_port
-from tests.services import postgres_admin_dsn, redis_url, service_missing
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+ENV = AWS_ENV
 SLOW = {
     "name": "slow",
     "nodes": [{"id": f"n{i}", "type": "function", "config": {"handler": "builtin:sleep", "ms": 500}} for i in range(4)],
@@ -30,62 +30,13 @@ SLOW = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    try:
-        import boto3
-        import psycopg
-        from moto.server import ThreadedMotoServer
-
-        from tests.kafka_broker import start_broker
-    except ImportError as exc:
-        service_missing("the cluster extras (psycopg, boto3, moto, confluent-kafka)", str(exc))
-    admin = postgres_admin_dsn()
-    database = f"aobd_multi_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    s3_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **_creds()).create_bucket(Bucket="aobd-cas")
-    broker = start_broker()
-    try:
-        yield {
-            "dsn": admin.rsplit("/", 1)[0] + f"/{database}",
-            "endpoint": endpoint,
-            "redis": redis_url(),
-            "broker": broker,
-            "base": Path(tmp_path_factory.mktemp("multinode")),
-        }
-    finally:
-        broker.close()
-        moto.stop()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-
-def _creds() -> dict[str, str]:
-    return {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    with shared_services(kafka=True) as services:
+        yield {**services, "base": Path(tmp_path_factory.mktemp("multinode"))}
 
 
 def daemon(cluster: dict[str, Any], name: str, topic_prefix: str) -> Daemon:
     base: Path = cluster["base"]
-    consumer = "\n".join(f'"{k}" = {json.dumps(v)}' for k, v in cluster["broker"].consumer_settings.items())
-    config = base / f"{name}.toml"
-    config.write_text(
-        "[storage]\n"
-        f'event_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\npostgres_dsn = "{cluster["dsn"]}"\n'
-        f'[s3]\nbucket = "aobd-cas"\nendpoint_url = "{cluster["endpoint"]}"\nregion = "us-east-1"\n'
-        f'[redis]\nurl = "{cluster["redis"]}"\n'
-        "[limits]\nrun_starts_per_s = 0\n"
-        '[security]\nhandler_modules = ["perf.w6_handlers"]\n'
-        f'[cluster]\nenabled = true\ndaemon_id = "{name}"\n'
-        f'[kafka]\nbootstrap = "{cluster["broker"].bootstrap}"\npartitions = 6\ngroup_id = "{topic_prefix}"\n'
-        f'results_topic = "{topic_prefix}.results"\nevents_topic = "{topic_prefix}.events"\n'
-        f'jobs_high_topic = "{topic_prefix}.jobs.high"\njobs_medium_topic = "{topic_prefix}.jobs.medium"\n'
-        f'jobs_low_topic = "{topic_prefix}.jobs.low"\nagent_jobs_topic = "{topic_prefix}.agent.jobs"\n'
-        f'agent_results_topic = "{topic_prefix}.agent.results"\n'
-        f"[kafka.consumer]\n{consumer}\n"
-    )
+    config = cluster_config(cluster, base / f"{name}.toml", daemon_id=name, kafka_prefix=topic_prefix)
     return Daemon(base / name, free_port(), config=config)
 
 
@@ -252,7 +203,7 @@ def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str])
 
     from aobd.bus.kafka import KafkaConfig, KafkaConsumer
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     with psycopg.connect(cluster["dsn"], autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
