@@ -15,7 +15,6 @@ import orjson
 from aobd.config import Config, load_config
 from aobd.engine.driver import Engine, file_workflow_resolver
 from aobd.errors import AobdError
-from aobd.model import events as ev
 from aobd.model.validate import load_workflow
 from aobd.nodes.function import check_handler
 from aobd.store.local_cas import LocalCas
@@ -126,6 +125,3 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     else:
         print(render_runs(runs))
     return EXIT_OK
-
-
-__all__ = ["cmd_resume", "cmd_run", "cmd_runs", "cmd_show", "ev"]

@@ -171,6 +171,8 @@ class Service:
                 approval.status = "approved" if e.decision == "approve" else "rejected"
                 approval.decided_by = e.by
             if isinstance(e, ev.RunCompleted | ev.RunFailed | ev.RunCancelled):
+                # A finished run emits nothing more: forget it, or this map grows with every run ever started.
+                self._workspace_of.pop(e.run_id, None)
                 for ticket in [t for t, a in self._approvals.items() if a.run_id == e.run_id and a.status == "pending"]:
                     del self._approvals[ticket]
         for workspace, owned in refs.items():

@@ -31,7 +31,6 @@ import structlog
 from aobd.agents.base import AgentAnswer
 from aobd.errors import AobdError, ConflictError, NodeError, NotFound, WorkflowInvalid
 from aobd.model import events as ev
-from aobd.model.canonical import canonical_json
 from aobd.model.ir import IRCache
 from aobd.model.patch import PatchProposal, http_urls
 from aobd.nodes.base import NodeContext
@@ -39,7 +38,7 @@ from aobd.nodes.registry import Executor, default_executors
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
 from .effects import Dispatch, Finished, Step, Wake
-from .machine import RunMachine
+from .machine import RunMachine, no_url_check
 
 _log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
@@ -128,7 +127,7 @@ class Engine:
         carries it on from the log.
         """
         run_id = run_id or new_run_id()
-        url_check: Callable[[str], list[str]] = _no_verdicts
+        url_check: Callable[[str], list[str]] = no_url_check
         if overlays:
             url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
         machine, step = RunMachine.start(
@@ -271,7 +270,7 @@ class Engine:
     async def decide_patch(self, run_id: str, patch_id: str, approve: bool, by: str) -> None:
         slot = self._owned(run_id)
         record = slot.machine.patches.get(patch_id)
-        verdicts = await self._url_verdicts(PatchProposal(ops=record.ops)) if record else _no_verdicts
+        verdicts = await self._url_verdicts(PatchProposal(ops=record.ops)) if record else no_url_check
         async with slot.lock:
             await self._commit(slot, slot.machine.decide_patch(patch_id, approve, by, self.clock(), url_check=verdicts))
 
@@ -545,7 +544,7 @@ class Engine:
             if result.exchange is not None:
                 exchange_ref = await self.cas.put(result.exchange)  # the raw LLM exchange, for audit and replay
             patch, usage, result = result.patch, result.usage, result.output
-        verdicts = await self._url_verdicts(patch) if patch is not None else _no_verdicts
+        verdicts = await self._url_verdicts(patch) if patch is not None else no_url_check
         if not self._live(slot):
             return  # released while the attempt ran: the new owner runs it again and records that
         async with slot.lock:
@@ -621,7 +620,7 @@ class Engine:
         """Resolve and judge the URLs a patch would add (I/O), so that judging the patch stays pure."""
         urls = http_urls(proposal.ops) if proposal is not None else []
         if not urls:
-            return _no_verdicts
+            return no_url_check
         from aobd.security.ssrf import UrlGuard
 
         if self._url_guard is None:
@@ -689,10 +688,6 @@ def descendants(machine: RunMachine, node_id: str) -> set[str]:
     return {ir.node_ids[i] for i in seen}
 
 
-def _no_verdicts(url: str) -> list[str]:
-    return []
-
-
 def new_run_id() -> str:
     """Time-ordered, unique run ids (``r`` + 12 hex of ms timestamp + 8 random hex): they sort by creation."""
     return f"r{int(time.time() * 1000):012x}{uuid.uuid4().hex[:8]}"
@@ -709,7 +704,3 @@ def file_workflow_resolver(directory: Path) -> WorkflowResolver:
         raise NotFound(f"no workflow {name!r} next to the parent ({directory}/{name}.json)")
 
     return resolve
-
-
-def encode_json(value: Any) -> bytes:
-    return canonical_json(value)

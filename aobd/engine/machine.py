@@ -90,7 +90,8 @@ class PatchRecord:
 UrlCheck = Callable[[str], list[str]]
 
 
-def _no_url_check(url: str) -> list[str]:
+def no_url_check(url: str) -> list[str]:
+    """The URL check when no patch URL needs the SSRF guard's verdict."""
     return []
 
 
@@ -192,7 +193,7 @@ class RunMachine:
         machine._blobs = dict(known_outputs or {})
         step = Step(events=[created], blobs={base_ref: base_bytes, inputs_ref: inputs_bytes})
         for overlay in overlays:
-            machine._propose(step, overlay, now, node_id=None, url_check=url_check or _no_url_check)
+            machine._propose(step, overlay, now, node_id=None, url_check=url_check or no_url_check)
         # An applied overlay rebuilt the router, which then already holds the sources as READY.
         ready = machine.router.start() or [i for i, s in enumerate(machine.router.statuses()) if s == READY]
         machine._schedule(step, ready, now)
@@ -599,7 +600,7 @@ class RunMachine:
         *,
         duration_ms: float = 0.0,
         patch: PatchProposal | None = None,
-        url_check: UrlCheck = _no_url_check,
+        url_check: UrlCheck = no_url_check,
         usage: dict[str, Any] | None = None,
         exchange_ref: str | None = None,
     ) -> Step:
@@ -874,7 +875,7 @@ class RunMachine:
         now: float,
         *,
         node_id: str | None = None,
-        url_check: UrlCheck = _no_url_check,
+        url_check: UrlCheck = no_url_check,
     ) -> tuple[Step, str]:
         """A person or program proposes a patch to this run (agents propose through ``node_completed``)."""
         step = Step()
@@ -945,7 +946,7 @@ class RunMachine:
         )
 
     def decide_patch(
-        self, patch_id: str, approve: bool, by: str, now: float, *, url_check: UrlCheck = _no_url_check
+        self, patch_id: str, approve: bool, by: str, now: float, *, url_check: UrlCheck = no_url_check
     ) -> Step:
         """Approve or reject a pending patch. An approved patch is judged again against the current document."""
         record = self.patches.get(patch_id)

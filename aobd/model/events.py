@@ -223,8 +223,3 @@ def decode_event(data: bytes) -> AnyEvent:
 
 def event_type(event: Event) -> str:
     return type(event).__struct_config__.tag  # type: ignore[return-value,unused-ignore]
-
-
-def to_dict(event: Event) -> dict[str, Any]:
-    result: dict[str, Any] = msgspec.to_builtins(event)
-    return result

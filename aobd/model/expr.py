@@ -26,8 +26,8 @@ _FIELD_PATH_RE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9
 class FieldPath:
     """A compiled plain field chain (``nodes.s1.output.x``), the overwhelmingly common binding.
 
-    Same result as JMESPath (a missing key or a non-object on the way gives null) at a tenth of the cost:
-    jmespath's tree visitor was 15% of the W6 profile.
+    Same result as JMESPath (a missing key or a non-object on the way gives null) for 157 ns instead of
+    2.19 us per search (timeit, ``nodes.s1.output.x``); jmespath's tree visitor was 15% of the W6 profile.
     """
 
     __slots__ = ("expression", "keys")

@@ -208,7 +208,7 @@ def test_agent_patch_adds_nodes_that_run_and_invalid_patch_is_rejected_with_reas
     # The patch is decided before the agent's completion is routed.
     order = types(events)
     assert order.index("PatchApplied") < order.index("NodeCompleted", order.index("PatchProposed"))
-    # The base document in the CAS is untouched: its hash is still the base version.
+    # The patch added an output to the run's document.
     assert summary["outputs"]["reply"] == {"route": "billing", "account": "acme-corp"}
 
 
