@@ -51,6 +51,7 @@ class ClusterCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self.relayed = 0
+        self._closing = False
         self._owned: set[int] = set()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(Nudge)
@@ -143,6 +144,8 @@ class ClusterCoordinator:
                 # A short lease: rows of a publish that failed (broker down) are claimed again soon.
                 entries = await claim(500, lease=5.0) if 0 in self._owned else []
                 if not entries:
+                    if self._closing:
+                        return  # the outbox is empty (or not ours): nothing committed is left behind
                     await asyncio.sleep(0.2)
                     continue
                 assert self._producer is not None
@@ -161,7 +164,14 @@ class ClusterCoordinator:
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(0.5)
 
-    async def close(self) -> None:
+    async def close(self, flush_s: float = 10.0) -> None:
+        """Leave the cluster. The relay first publishes what is left in the outbox (up to ``flush_s``), while
+        this daemon still holds partition 0, so a clean stop leaves no committed event waiting for the next
+        relay to be elected."""
+        self._closing = True
+        if self._relay_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._relay_task), flush_s)
         for task in (self._task, self._relay_task):
             if task is not None:
                 task.cancel()

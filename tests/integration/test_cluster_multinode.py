@@ -187,12 +187,26 @@ def test_broker_restart_loses_nothing(cluster: dict[str, Any]) -> None:
         cluster["broker"].restart()
         later = start_runs(daemons, [(slow, {})] * 30)
         wait_all_completed(cluster["dsn"], first + later)
+        wait_outbox_drained(cluster["dsn"])  # by the relay, while the daemons run
     finally:
         for d in daemons:
             d.stop()
     check_history(cluster["dsn"], first + later)
     # Across the broker restart too, every committed event left through the outbox, in order.
     check_events_topic(cluster, prefix, first + later)
+
+
+def wait_outbox_drained(dsn: str, timeout: float = 90) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+            if row and row[0] == 0:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"the outbox was not drained: {row and row[0]} events never published")
 
 
 def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str]) -> None:
@@ -203,15 +217,8 @@ def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str])
 
     from aobd.bus.kafka import KafkaConfig, KafkaConsumer
 
-    deadline = time.monotonic() + 90
     with psycopg.connect(cluster["dsn"], autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
-            if row and row[0] == 0:
-                break
-            time.sleep(0.2)
         expected = dict(conn.execute("SELECT run_id, last_seq FROM runs WHERE run_id = ANY(%s)", (run_ids,)).fetchall())
-    assert row and row[0] == 0, "the outbox was not drained"
 
     async def consume() -> dict[str, list[int]]:
         config = KafkaConfig(
