@@ -125,6 +125,29 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = False
     #: This daemon's name in the cluster (recorded as the writer of its events); empty: hostname:pid.
     daemon_id: str = ""
+    #: Where node attempts of function and http nodes execute: "bus" publishes them on node.jobs.<priority>
+    #: for any daemon's runners; "local" runs them in the daemon that owns the run.
+    execution: Literal["bus", "local"] = "bus"
+
+
+class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The multi-process daemon (``aobd serve`` without ``--single-process``): process groups and their cores."""
+
+    #: Orchestrator processes; each drives the runs whose hash of run_id falls in its shard.
+    orchestrators: int = 1
+    #: Runner processes executing function and http node attempts.
+    runners: int = 1
+    #: HTTP accept workers sharing the API port (SO_REUSEPORT).
+    accept_workers: int = 2
+    #: Cores per group (os.sched_setaffinity); empty: no pinning.
+    control_cpus: list[int] = msgspec.field(default_factory=list)
+    runner_cpus: list[int] = msgspec.field(default_factory=list)
+    fanout_cpus: list[int] = msgspec.field(default_factory=list)
+    #: Restart backoff of a crashed child: doubles from the first value up to the second.
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    #: Where the planes' ipc sockets live; empty: <data_dir>/planes.
+    socket_dir: str = ""
 
 
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -149,6 +172,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     s3: S3Config = msgspec.field(default_factory=S3Config)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    planes: PlanesConfig = msgspec.field(default_factory=PlanesConfig)
     #: The Kafka bus (aobd.bus.kafka.KafkaConfig): brokers, topic names, partitions, client settings.
     kafka: dict[str, Any] = msgspec.field(default_factory=dict)
     #: Per-workspace patch governance: ``[workspaces.acme] patches = "approve"``.

@@ -95,11 +95,15 @@ class NodeError(AobdError):
 
     code = "node_error"
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool = True) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, retryable: bool = True, traceback: str | None = None
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         self.retryable = retryable
+        #: The innermost frames of a handler that raised, when the attempt ran elsewhere (a runner).
+        self.traceback = traceback
 
 
 class BadRequest(AobdError):

@@ -246,7 +246,13 @@ class Service:
         overlays = await self._patch_set(caller, body.patch_set or [], document)
         drive = self.cluster is None or self.cluster.owns(run_id)
         await self.engine.start_run(
-            document, body.inputs, run_id=run_id, workspace=caller.workspace, overlays=overlays, drive=drive
+            document,
+            body.inputs,
+            run_id=run_id,
+            workspace=caller.workspace,
+            overlays=overlays,
+            drive=drive,
+            priority=body.priority,
         )
         if not drive:
             await self.cluster.announce(run_id)  # its owner carries it on from the log

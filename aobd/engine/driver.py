@@ -18,7 +18,6 @@ import asyncio
 import random
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from aobd.model.ir import IRCache
 from aobd.model.patch import PatchProposal, http_urls
 from aobd.nodes.base import NodeContext
 from aobd.nodes.registry import Executor, default_executors
+from aobd.runner.worker import failure_of
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
 from .effects import Dispatch, Finished, Step, Wake
@@ -120,6 +120,7 @@ class Engine:
         known_outputs: dict[str, Any] | None = None,
         workspace_policy: dict[str, Any] | None = None,
         drive: bool = True,
+        priority: str = "medium",
     ) -> str:
         """Validate, record RunCreated (and any overlay patches) and start the source nodes. Returns the run id.
 
@@ -149,6 +150,7 @@ class Engine:
             if workspace_policy is not None
             else (self.workspace_policy(workspace) if self.workspace_policy else None),
             writer=self.writer_id,
+            priority=priority,
         )
         slot = _RunSlot(machine)
         if not drive:
@@ -257,6 +259,7 @@ class Engine:
             replay=plan,
             known_outputs=known,
             workspace_policy=source.created.workspace_policy or {},
+            priority=source.created.priority,
         )
 
     async def propose_patch(self, run_id: str, proposal: PatchProposal) -> str:
@@ -507,6 +510,7 @@ class Engine:
             idempotency_key=f"{machine.run_id}:{job.node_id}",
             timeout_s=job.timeout_s,
             workspace=machine.workspace,
+            priority=machine.created.priority,
             services=self._services(machine, job.node.type),
         )
         started = time.perf_counter()
@@ -514,29 +518,9 @@ class Engine:
             try:
                 async with asyncio.timeout(job.timeout_s):
                     result = await self._run_node(job.node, job.inputs, ctx)
-            except TimeoutError:
-                error = {
-                    "code": "timeout",
-                    "message": f"node {job.node_id!r} attempt {job.attempt} timed out after {job.timeout_s:g}s",
-                }
-                await self._report_failure(slot, job, error, True, started)
-                return
-            except NodeError as exc:
-                await self._report_failure(
-                    slot, job, {"code": exc.code, "message": exc.message}, exc.retryable, started
-                )
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # A handler raised: a retryable error carrying the innermost frames, never a crash of the engine.
-                tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
-                error = {
-                    "code": "handler_error",
-                    "message": f"{type(exc).__name__}: {exc}",
-                    "traceback": "".join(tb)[-2000:],
-                }
-                await self._report_failure(slot, job, error, True, started)
+            except Exception as exc:  # CancelledError is no Exception: a release or a shutdown passes through
+                error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+                await self._report_failure(slot, job, error, retryable, started)
                 return
         duration_ms = (time.perf_counter() - started) * 1000.0
         patch = usage = exchange_ref = None

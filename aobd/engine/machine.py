@@ -154,6 +154,7 @@ class RunMachine:
         url_check: UrlCheck | None = None,
         workspace_policy: Mapping[str, Any] | None = None,
         writer: str | None = None,
+        priority: str = "medium",
     ) -> tuple[RunMachine, Step]:
         """Create a run: RunCreated, the overlay patches it starts with, and the scheduling of its sources.
 
@@ -186,6 +187,7 @@ class RunMachine:
             replay=replay,
             workspace_policy=dict(workspace_policy) if workspace_policy else None,
             writer=writer,
+            priority=priority,
         )
         machine = cls(created, document, ir_cache=cache)
         machine.writer = writer

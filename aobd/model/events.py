@@ -56,6 +56,8 @@ class RunCreated(Event, tag="RunCreated"):
     #: Directory of the workflow file a run was started from (``aobd run FILE``); handlers next to the file
     #: are importable from there, also when ``aobd resume`` picks the run up after a crash.
     source_dir: str | None = None
+    #: Which node.jobs topic the run's attempts go to in a cluster (``POST /v1/runs`` ``priority``).
+    priority: str = "medium"
 
 
 class NodeScheduled(Event, tag="NodeScheduled"):

@@ -25,5 +25,7 @@ class NodeContext:
     #: Per-attempt timeout in seconds (the driver enforces it; executors may use it for their own I/O).
     timeout_s: float
     workspace: str = "default"
+    #: The run's priority: which ``node.jobs.*`` topic a cluster sends the attempt to.
+    priority: str = "medium"
     #: Extra values for executors that need engine services (e.g. the child-run launcher for composites).
     services: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,86 @@
+"""An executor whose attempts run elsewhere: each call becomes a :class:`NodeJob` on a transport, and the call
+returns when the matching :class:`NodeOutcome` is delivered back.
+
+The driver keeps enforcing the attempt's timeout around the call; a job whose outcome never comes back (its
+runner died, the broker lost it before acknowledging) times out like any slow attempt and is retried under the
+node's retry policy. Outcomes nobody waits for any more (a timed-out attempt, or a run that moved to another
+owner) are dropped: the attempt that counts is recorded by whoever drives the run now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aobd.errors import NodeError
+from aobd.model.workflow import Node
+from aobd.nodes.base import NodeContext
+
+from .wire import NodeJob, NodeOutcome
+
+
+class JobTransport(Protocol):
+    async def submit(self, job: NodeJob) -> None:
+        """Hand the job to a runner (or to a durable queue that will); raise if it could not be handed off."""
+
+
+class RemoteExecutor:
+    def __init__(self, transport: JobTransport, *, origin: str, clock: Callable[[], float] = time.time) -> None:
+        self.transport = transport
+        self.origin = origin
+        self.clock = clock
+        self._pending: dict[str, asyncio.Future[NodeOutcome]] = {}
+        self.submitted = 0
+        self.dropped = 0
+
+    async def __call__(self, node: Node, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        job = NodeJob(
+            job_id=uuid.uuid4().hex,
+            run_id=ctx.run_id,
+            node_id=ctx.node_id,
+            attempt=ctx.attempt,
+            node=node,
+            inputs=inputs,
+            timeout_s=ctx.timeout_s,
+            deadline=self.clock() + ctx.timeout_s,
+            workspace=ctx.workspace,
+            priority=ctx.priority,  # type: ignore[arg-type]
+            origin=self.origin,
+        )
+        future: asyncio.Future[NodeOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[job.job_id] = future
+        try:
+            await self.transport.submit(job)
+            self.submitted += 1
+            outcome = await future
+        finally:
+            self._pending.pop(job.job_id, None)
+        return result_of(outcome)
+
+    def deliver(self, outcome: NodeOutcome) -> bool:
+        """Resolve the call waiting for ``outcome``; False when nobody waits for it any more."""
+        future = self._pending.get(outcome.job_id)
+        if future is None or future.done():
+            self.dropped += 1
+            return False
+        future.set_result(outcome)
+        return True
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def result_of(outcome: NodeOutcome) -> Any:
+    """The attempt's output, or the NodeError its runner reported."""
+    if outcome.ok:
+        return outcome.output
+    error = outcome.error or {}
+    raise NodeError(
+        str(error.get("message", "the runner reported a failure without a message")),
+        code=str(error.get("code", "node_error")),
+        retryable=outcome.retryable,
+        traceback=error.get("traceback"),
+    )

@@ -1,0 +1,115 @@
+"""The runner side: execute one :class:`NodeJob` with this process's executors and configuration.
+
+Shared by the runner plane (jobs over zmq) and by cluster runners (jobs from Kafka's ``node.jobs.*``). A runner
+applies its *own* handler and HTTP allow-lists, never ones carried by the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from aobd.errors import NodeError
+from aobd.nodes.base import NodeContext
+from aobd.nodes.function import execute_function
+from aobd.nodes.registry import Executor
+
+from .wire import REMOTE_TYPES, NodeJob, NodeOutcome
+
+
+def failure_of(exc: BaseException, node_id: str, attempt: int, timeout_s: float) -> tuple[dict[str, Any], bool]:
+    """How a failed attempt is recorded: the error object and whether another attempt may help.
+
+    A handler that raised something other than NodeError is a bug in the handler, recorded as a retryable
+    ``handler_error`` carrying its innermost frames, never a crash of the engine or the runner.
+    """
+    if isinstance(exc, TimeoutError):
+        message = f"node {node_id!r} attempt {attempt} timed out after {timeout_s:g}s"
+        return {"code": "timeout", "message": message}, True
+    if isinstance(exc, NodeError):
+        error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+        if exc.traceback:
+            error["traceback"] = exc.traceback
+        return error, exc.retryable
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)
+    return {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb)[-2000:]}, True
+
+
+class Runner:
+    """Executes jobs of the :data:`REMOTE_TYPES`; owns the HTTP client its http nodes share."""
+
+    def __init__(
+        self,
+        runner_id: str,
+        *,
+        handler_modules: list[str] | None,
+        http_allow: list[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.runner_id = runner_id
+        self.handler_modules = handler_modules
+        self.http_allow = list(http_allow or [])
+        self.clock = clock
+        self.executed = 0
+        self.expired = 0
+        self._http: Any = None
+        self._executors: dict[str, Executor] = {"function": execute_function, "http": self._run_http}
+
+    async def run(self, job: NodeJob) -> NodeOutcome:
+        if job.deadline < self.clock():
+            # The orchestrator timed this attempt out already and retries it under the node's policy; running
+            # it now would only repeat a side effect nobody waits for.
+            self.expired += 1
+            message = "the job reached a runner after its deadline"
+            return self._outcome(job, error={"code": "expired", "message": message})
+        executor = self._executors.get(job.node.type) if job.node.type in REMOTE_TYPES else None
+        if executor is None:
+            message = f"node type {job.node.type!r} does not run on a runner"
+            return self._outcome(job, error={"code": "no_executor", "message": message}, retryable=False)
+        ctx = NodeContext(
+            run_id=job.run_id,
+            node_id=job.node_id,
+            attempt=job.attempt,
+            idempotency_key=f"{job.run_id}:{job.node_id}",
+            timeout_s=job.timeout_s,
+            workspace=job.workspace,
+            priority=job.priority,
+            services={"handler_modules": self.handler_modules, "http_allow": self.http_allow},
+        )
+        self.executed += 1
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline - self.clock())):
+                output = await executor(job.node, job.inputs, ctx)
+        except Exception as exc:
+            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+            return self._outcome(job, error=error, retryable=retryable)
+        return NodeOutcome(
+            job.job_id, job.run_id, job.node_id, job.attempt, True, output, runner=self.runner_id, origin=job.origin
+        )
+
+    def _outcome(self, job: NodeJob, *, error: dict[str, Any], retryable: bool = True) -> NodeOutcome:
+        return NodeOutcome(
+            job.job_id,
+            job.run_id,
+            job.node_id,
+            job.attempt,
+            False,
+            error=error,
+            retryable=retryable,
+            runner=self.runner_id,
+            origin=job.origin,
+        )
+
+    async def _run_http(self, node: Any, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        from aobd.nodes.http import HttpNodeClient, execute_http
+
+        if self._http is None:
+            self._http = HttpNodeClient(allow=self.http_allow)
+        return await execute_http(node.config, inputs, ctx, self._http)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
