@@ -1,0 +1,137 @@
+"""Attempts executed away from the owner (RemoteExecutor -> NodeJob -> Runner -> NodeOutcome) record exactly
+what in-process execution records: outputs, failures with their codes and retryability, and priority."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from aobd.engine.driver import Engine
+from aobd.model import events as ev
+from aobd.runner import wire
+from aobd.runner.remote import RemoteExecutor
+from aobd.runner.wire import NodeJob, NodeOutcome
+from aobd.runner.worker import Runner
+from aobd.store.memory import MemoryCas, MemoryEventLog
+from tests.conftest import EXAMPLES, fn, run_async, workflow
+
+
+class WireTransport:
+    """Jobs cross real msgpack frames (as over zmq or Kafka) to a Runner; outcomes come back the same way."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.executor: RemoteExecutor | None = None
+        self.jobs: list[NodeJob] = []
+        self.lose = 0  # how many of the next jobs get no answer (a runner that died holding them)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, job: NodeJob) -> None:
+        job = wire.decode_jobs(wire.encode([job]))[0]
+        self.jobs.append(job)
+        if self.lose:
+            self.lose -= 1
+        else:
+            task = asyncio.create_task(self._answer(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, job: NodeJob) -> None:
+        outcome = await self.runner.run(job)
+        assert self.executor is not None
+        self.executor.deliver(wire.decode_outcomes(wire.encode([outcome]))[0])
+
+
+def remote_engine(handler_modules: list[str] | None = None) -> tuple[Engine, WireTransport]:
+    transport = WireTransport(Runner("runner-1", handler_modules=handler_modules))
+    executor = RemoteExecutor(transport, origin="orch-0")
+    transport.executor = executor
+    engine = Engine(MemoryEventLog(), MemoryCas())
+    engine.executors["function"] = engine.executors["http"] = executor
+    return engine, transport
+
+
+async def history(engine: Engine, run_id: str) -> list[ev.Event]:
+    return [ev.decode_event(r.data) for r in await engine.log.read(run_id)]
+
+
+def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: Any) -> None:
+    import orjson
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
+    document = orjson.loads((EXAMPLES / "w6" / "workflow.json").read_bytes())
+
+    async def main() -> None:
+        engine, transport = remote_engine()
+        run_id = await engine.start_run(document, {"x": 1}, priority="high")
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "completed" and summary["outputs"] == {"x": 20}
+        events = await history(engine, run_id)
+        assert Counter(e.node_id for e in events if isinstance(e, ev.NodeCompleted)) == dict.fromkeys(
+            ["s1", "s2", "s3", "b1", "b2", "j"], 1
+        )
+        # every attempt (all function nodes) went to the runner, with the run's priority
+        assert sorted(j.node_id for j in transport.jobs) == ["b1", "b2", "j", "s1", "s2", "s3"]
+        assert {j.priority for j in transport.jobs} == {"high"}
+        assert isinstance(events[0], ev.RunCreated) and events[0].priority == "high"
+        await engine.close()
+
+    run_async(main())
+
+
+def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its_frames() -> None:
+    doc = workflow([fn("a", "json:loads", retry={"max_attempts": 2, "initial_ms": 1, "max_ms": 2})])
+
+    async def main() -> None:
+        engine, _ = remote_engine()
+        run_id = await engine.start_run(doc, {"s": "x"})
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "failed"
+        failures = [e for e in await history(engine, run_id) if isinstance(e, ev.NodeFailed)]
+        assert [f.attempt for f in failures] == [1, 2]  # retried: a handler bug may be transient
+        assert failures[0].error["code"] == "handler_error"
+        assert "TypeError" in failures[0].error["message"] and "traceback" in failures[0].error
+        await engine.close()
+
+    run_async(main())
+
+
+def test_the_runner_enforces_its_own_handler_allow_list() -> None:
+    doc = workflow([fn("a", "json:dumps")])
+
+    async def main() -> None:
+        engine, _ = remote_engine(handler_modules=["examples"])
+        run_id = await engine.start_run(doc, {})
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "failed"
+        failed = [e for e in await history(engine, run_id) if isinstance(e, ev.NodeFailed)]
+        assert len(failed) == 1 and failed[0].error["code"] == "handler_not_allowed"  # not retried
+        await engine.close()
+
+    run_async(main())
+
+
+def test_a_job_that_never_comes_back_times_out_and_is_retried() -> None:
+    doc = workflow([fn("a", timeout_ms=50, retry={"max_attempts": 2, "initial_ms": 1, "max_ms": 2})], [], name="lost")
+
+    async def main() -> None:
+        engine, transport = remote_engine()
+        transport.lose = 1  # the second attempt reaches a live runner
+        run_id = await engine.start_run(doc, {"v": 1})
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "completed"
+        events = await history(engine, run_id)
+        assert [e.error["code"] for e in events if isinstance(e, ev.NodeFailed)] == ["timeout"]
+        # the late answer to attempt 1 finds nobody waiting and is dropped, not recorded twice
+        late = await transport.runner.run(transport.jobs[0])
+        assert late.ok is False and late.error is not None and late.error["code"] == "expired"
+        assert transport.executor is not None and transport.executor.deliver(late) is False
+        await engine.close()
+
+    run_async(main())
+
+
+def test_outcomes_and_jobs_survive_the_wire_unchanged() -> None:
+    outcome = NodeOutcome("j1", "r1", "n1", 2, False, error={"code": "x", "message": "m"}, retryable=False)
+    assert wire.decode_outcome(wire.encode(outcome)) == outcome
