@@ -34,13 +34,15 @@ PEERS: dict[str, tuple[str, str, list[str]]] = {
     "dbos": ("dbos", "perf.peers.dbos_w6", ["--backend", "postgres"]),
     "dbos-sqlite": ("dbos", "perf.peers.dbos_w6", ["--backend", "sqlite"]),
     "langgraph": ("langgraph", "perf.peers.langgraph_w6", []),
+    "langgraph-no-checkpointer": ("langgraph", "perf.peers.langgraph_w6", ["--no-checkpointer"]),
 }
-DEFAULT_ONLY = "aobd,aobd-cluster,langgraph,dbos,dbos-sqlite,prefect,prefect-no-heartbeat"
+DEFAULT_ONLY = "aobd,aobd-cluster,langgraph,langgraph-no-checkpointer,dbos,dbos-sqlite,prefect,prefect-no-heartbeat"
 #: name -> (runs at --concurrency, runs at concurrency 1); sized for about a minute or two each on 2 cores.
 RUNS: dict[str, tuple[int, int]] = {
     "aobd": (2000, 300),
     "aobd-cluster": (1000, 100),
     "langgraph": (3000, 200),
+    "langgraph-no-checkpointer": (3000, 200),
     "dbos": (3000, 200),
     "dbos-sqlite": (2000, 200),
     "prefect": (75, 10),

@@ -12,6 +12,7 @@ own setting; synchronous left at SQLite's default, FULL) before the next superst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -115,7 +116,11 @@ def handler_bodies() -> list[Any]:
 
 async def bench(args: Any, db: Path) -> dict[str, Any]:
     sampler = _common.RssSampler().start()
-    async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
+    async with contextlib.AsyncExitStack() as stack:
+        # --no-checkpointer: LangGraph with nothing durable at all (the "about 230/s" reference).
+        saver = None if args.no_checkpointer else await stack.enter_async_context(
+            AsyncSqliteSaver.from_conn_string(str(db))
+        )
         graph = build_graph().compile(checkpointer=saver)
         counter = 0
 
@@ -123,7 +128,7 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
             nonlocal counter
             counter += 1
             config: RunnableConfig = {"configurable": {"thread_id": f"w6-{counter}"}}
-            out = await graph.ainvoke({"x": 1}, config, durability="sync")
+            out = await graph.ainvoke({"x": 1}, config, durability="sync" if saver is not None else None)
             return out.get("x") == 20
 
         assert await one()  # warm-up
@@ -147,7 +152,7 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
     STAMPS.enabled = False
     handler_us = _common.handler_cost_us(handler_bodies())
     return _common.result(
-        peer="langgraph",
+        peer="langgraph-no-checkpointer" if args.no_checkpointer else "langgraph",
         version=f"langgraph {version('langgraph')} + checkpoint-sqlite {version('langgraph-checkpoint-sqlite')}",
         runs=args.runs,
         concurrency=args.concurrency,
@@ -161,8 +166,10 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
         c1_hops=c1_hops,
         peak_rss_mb=sampler.stop(),
         config={
-            "checkpointer": "AsyncSqliteSaver (aiosqlite, journal_mode=WAL, synchronous=FULL default)",
-            "durability": "sync",
+            "checkpointer": "none (not durable)"
+            if args.no_checkpointer
+            else "AsyncSqliteSaver (aiosqlite, journal_mode=WAL, synchronous=FULL default)",
+            "durability": "none" if args.no_checkpointer else "sync",
             "thread_per_run": True,
             "concurrency_model": "asyncio: C graph.ainvoke coroutines on one loop, async nodes",
         },
@@ -170,7 +177,9 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _common.parser("python -m perf.peers.langgraph_w6", __doc__).parse_args(argv)
+    parser = _common.parser("python -m perf.peers.langgraph_w6", __doc__)
+    parser.add_argument("--no-checkpointer", action="store_true", help="no persistence at all (not durable)")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="peer-langgraph-") as tmp:
         res = asyncio.run(bench(args, Path(tmp) / "checkpoints.sqlite"))
     return _common.emit(res, args.json)
