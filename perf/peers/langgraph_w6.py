@@ -118,8 +118,10 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
     sampler = _common.RssSampler().start()
     async with contextlib.AsyncExitStack() as stack:
         # --no-checkpointer: LangGraph with nothing durable at all (the "about 230/s" reference).
-        saver = None if args.no_checkpointer else await stack.enter_async_context(
-            AsyncSqliteSaver.from_conn_string(str(db))
+        saver = (
+            None
+            if args.no_checkpointer
+            else await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(str(db)))
         )
         graph = build_graph().compile(checkpointer=saver)
         counter = 0
