@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -128,6 +128,9 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Where node attempts of function and http nodes execute: "bus" publishes them on node.jobs.<priority>
     #: for any daemon's runners; "local" runs them in the daemon that owns the run.
     execution: Literal["bus", "local"] = "bus"
+    #: With execution = "bus": node jobs this daemon's runner executes at once (taken from node.jobs.*; a job
+    #: waits on Kafka, not in memory, while every slot is busy). 0: this daemon runs no jobs, it only orchestrates.
+    runner_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 256
 
 
 class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -146,7 +149,10 @@ class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Restart backoff of a crashed child: doubles from the first value up to the second.
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
-    #: Where the planes' ipc sockets live; empty: <data_dir>/planes.
+    #: Jobs one runner executes at once for each orchestrator (its credit); 0: the default (256).
+    runner_credit: int = 0
+    #: Where the planes' ipc sockets live; empty: <data_dir>/planes. A path too long for a unix socket
+    #: (107 bytes) falls back to $XDG_RUNTIME_DIR or /tmp, under aobd-<hash of the directory>.
     socket_dir: str = ""
 
 
@@ -155,6 +161,52 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fidelity: Literal["full", "fast"] = "full"
     #: Node attempts executing at once in this process.
     max_inflight: int = 10_000
+
+
+class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[kafka]`` table: where the brokers are, the topic names and how the clients are tuned."""
+
+    #: Comma-separated ``host:port`` list of brokers to bootstrap from.
+    bootstrap: str = "127.0.0.1:9092"
+    #: Run events, keyed by run_id, with a ``seq`` header.
+    events_topic: str = "workflow.events"
+    #: Node jobs by priority; consumers serve high before medium before low without starving low.
+    jobs_high_topic: str = "node.jobs.high"
+    jobs_medium_topic: str = "node.jobs.medium"
+    jobs_low_topic: str = "node.jobs.low"
+    #: Node attempt results, back to the orchestrator that owns the run.
+    results_topic: str = "node.results"
+    #: Agent jobs for external runners and their results.
+    agent_jobs_topic: str = "agent.jobs"
+    agent_results_topic: str = "agent.results"
+    #: Partitions of every topic ensure_topics creates. The partition of a run follows from it, so it cannot
+    #: change while runs are in flight; it also caps how many orchestrators share the runs.
+    partitions: int = 12
+    #: Replicas of every topic; -1 takes the broker's ``default.replication.factor``.
+    replication_factor: int = -1
+    #: Consumer group of the orchestrators (the planes that own runs).
+    group_id: str = "aobd"
+    #: librdkafka settings for every client (e.g. ``"security.protocol"``, ``"sasl.mechanisms"``).
+    client: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+    #: librdkafka settings for producers only (e.g. ``"linger.ms"``, ``"compression.type"``).
+    producer: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+    #: librdkafka settings for consumers only (e.g. ``"session.timeout.ms"``, ``"fetch.max.bytes"``).
+    consumer: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+
+    @property
+    def job_topics(self) -> tuple[str, str, str]:
+        """Node job topics from the highest priority to the lowest."""
+        return (self.jobs_high_topic, self.jobs_medium_topic, self.jobs_low_topic)
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (
+            self.events_topic,
+            *self.job_topics,
+            self.results_topic,
+            self.agent_jobs_topic,
+            self.agent_results_topic,
+        )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -173,8 +225,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     planes: PlanesConfig = msgspec.field(default_factory=PlanesConfig)
-    #: The Kafka bus (aobd.bus.kafka.KafkaConfig): brokers, topic names, partitions, client settings.
-    kafka: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: The Kafka bus: brokers, topic names, partitions, client settings.
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     #: Per-workspace patch governance: ``[workspaces.acme] patches = "approve"``.
     workspaces: dict[str, WorkspacePolicyConfig] = msgspec.field(default_factory=dict)
 

@@ -72,6 +72,12 @@ class StoreError(AobdError):
     code = "store_error"
 
 
+class BusError(StoreError):
+    """The Kafka bus failed: a send was not acknowledged, a commit or a poll failed, or a client error is fatal."""
+
+    code = "bus_error"
+
+
 class ConflictError(StoreError):
     """An append's expected seq did not match: another writer appended to the run first."""
 

@@ -138,6 +138,42 @@ class _EventLogCollector:
         ]
 
 
+class _PlanesCollector:
+    """The supervisor's health table (as an orchestrator last received it) as metrics, read at scrape time.
+
+    Every orchestrator exports the same table; it is the supervisor's, so a scrape of any one of them is whole.
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families([])
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(list(self._snapshot().get("children", [])))
+
+    @staticmethod
+    def _families(children: list[dict[str, Any]]) -> list[Metric]:
+        up = GaugeMetricFamily("aobd_plane_up", "1 while a plane's child process is up.", labels=["role", "index"])
+        beat = GaugeMetricFamily(
+            "aobd_plane_heartbeat_age_seconds", "Seconds since the child's last heartbeat.", labels=["role", "index"]
+        )
+        restarts = CounterMetricFamily(
+            "aobd_plane_restarts", "Child processes restarted by the supervisor, by role.", labels=["role"]
+        )
+        by_role: dict[str, float] = {}
+        for c in children:
+            labels = [str(c.get("role")), str(c.get("index"))]
+            up.add_metric(labels, 1.0 if c.get("state") == "up" else 0.0)
+            if c.get("last_heartbeat_s") is not None:
+                beat.add_metric(labels, float(c["last_heartbeat_s"]))
+            by_role[labels[0]] = by_role.get(labels[0], 0.0) + float(c.get("restarts", 0))
+        for role, count in sorted(by_role.items()):
+            restarts.add_metric([role], count)
+        return [up, beat, restarts]
+
+
 class Metrics:
     """Every metric of one daemon process, on its own registry.
 
@@ -272,6 +308,10 @@ class Metrics:
         self._store_collector = _EventLogCollector(store)
         self.registry.register(self._store_collector)
         return True
+
+    def track_planes(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Export the multi-process daemon's health table (``aobd_plane_*``), read from ``snapshot`` per scrape."""
+        self.registry.register(_PlanesCollector(snapshot))
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition for ``GET /metrics``: (body, content type).

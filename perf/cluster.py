@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path) -> dict[str, Any]:
+async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path, execution: str = "bus") -> dict[str, Any]:
     import aiohttp
 
     from perf.w6 import _event_hops, percentile, w6_document
@@ -27,7 +27,11 @@ async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path) -> 
     with ExitStack() as stack:
         env = stack.enter_context(shared_services(kafka=True))
         nodes = [
-            Daemon(base / f"d{i}", free_port(), config=cluster_config(env, base / f"d{i}.toml", daemon_id=f"d{i}"))
+            Daemon(
+                base / f"d{i}",
+                free_port(),
+                config=cluster_config(env, base / f"d{i}.toml", daemon_id=f"d{i}", execution=execution),
+            )
             for i in range(daemons)
         ]
         for node in nodes:
@@ -60,6 +64,7 @@ async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path) -> 
                     hops.extend(_event_hops(await resp.json()))
     return {
         "mode": "cluster",
+        "execution": execution,
         "daemons": daemons,
         "runs": runs,
         "concurrency": concurrency,

@@ -119,7 +119,9 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     }
 
 
-async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path, fidelity: str) -> dict[str, Any]:
+async def run_http(
+    runs: int, concurrency: int, url: str | None, data_dir: Path, fidelity: str, processes: str = "single"
+) -> dict[str, Any]:
     import aiohttp
 
     from tests.integration.daemon import Daemon, free_port
@@ -128,8 +130,12 @@ async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path,
     if url is None:
         config = data_dir.parent / "bench.toml"
         # The benchmark measures the engine, not the limiter; its handlers are its own module.
-        config.write_text('[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n')
-        daemon = Daemon(data_dir, free_port(), config=config)
+        # multi: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off).
+        planes = "[planes]\naccept_workers = 0\n" if processes == "multi" else ""
+        config.write_text(
+            f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}'
+        )
+        daemon = Daemon(data_dir, free_port(), config=config, single_process=processes == "single")
         await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
         url = daemon.url
     body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
@@ -165,6 +171,7 @@ async def run_http(runs: int, concurrency: int, url: str | None, data_dir: Path,
             await asyncio.to_thread(daemon.stop)
     return {
         "mode": "http",
+        "processes": processes,
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency,
@@ -272,7 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
     parser.add_argument("--data-dir", help="keep the stores here (default: a temporary directory)")
     parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
+    parser.add_argument(
+        "--processes",
+        choices=["single", "multi"],
+        default="single",
+        help="http mode: start the daemon with --single-process, or as the supervisor and its planes",
+    )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
+    parser.add_argument(
+        "--execution",
+        choices=["bus", "local"],
+        default="bus",
+        help="cluster mode: node attempts over node.jobs.* to any daemon's runner, or in the run's owner",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     import uvloop
@@ -283,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "cluster":
                 from perf.cluster import run_cluster
 
-                result = runner.run(run_cluster(args.runs, args.concurrency, args.daemons, data_dir))
+                result = runner.run(run_cluster(args.runs, args.concurrency, args.daemons, data_dir, args.execution))
             elif args.mode == "http2":
                 result = runner.run(run_h2load(args.runs, args.concurrency, data_dir / "data", args.fidelity))
             elif args.mode == "http":
-                result = runner.run(run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity))
+                result = runner.run(
+                    run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity, args.processes)
+                )
             else:
                 result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
     if not args.json:

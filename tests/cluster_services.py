@@ -60,8 +60,11 @@ def shared_services(*, kafka: bool) -> Iterator[dict[str, Any]]:
         yield services
 
 
-def cluster_config(services: dict[str, Any], path: Path, *, daemon_id: str = "", kafka_prefix: str = "") -> Path:
-    """A daemon config on these services; with ``daemon_id``, cluster mode on the broker."""
+def cluster_config(
+    services: dict[str, Any], path: Path, *, daemon_id: str = "", kafka_prefix: str = "", execution: str = "bus"
+) -> Path:
+    """A daemon config on these services; with ``daemon_id``, cluster mode on the broker, node attempts executed
+    as ``execution`` says ("bus": by any daemon's runner, "local": by the run's owner)."""
     text = (
         "[storage]\n"
         f'event_log = "postgres"\ncas = "s3"\nmigrate_on_start = true\npostgres_dsn = "{services["dsn"]}"\n'
@@ -84,7 +87,7 @@ def cluster_config(services: dict[str, Any], path: Path, *, daemon_id: str = "",
         }
         consumer = "\n".join(f'"{k}" = {json.dumps(v)}' for k, v in broker.consumer_settings.items())
         text += (
-            f'[cluster]\nenabled = true\ndaemon_id = "{daemon_id}"\n'
+            f'[cluster]\nenabled = true\ndaemon_id = "{daemon_id}"\nexecution = "{execution}"\n'
             f'[kafka]\nbootstrap = "{broker.bootstrap}"\npartitions = 6\ngroup_id = "{prefix}"\n'
             + "".join(f'{key} = "{prefix}.{name}"\n' for key, name in topics.items())
             + f"[kafka.consumer]\n{consumer}\n"

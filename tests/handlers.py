@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 CALLS: dict[str, int] = {}
@@ -42,3 +43,8 @@ def count(inputs: dict[str, Any], ctx: Any) -> int:
 def big(inputs: dict[str, Any]) -> dict[str, Any]:
     """An output larger than the inline limit, so it lives only in the CAS."""
     return {"route": "yes", "padding": "x" * 10_000}
+
+
+def where(inputs: Any) -> dict[str, Any]:
+    """Which process executed the attempt (cluster tests: which daemon's runner)."""
+    return {"pid": os.getpid()}

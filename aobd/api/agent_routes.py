@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -129,11 +129,78 @@ class AgentJobInfo(msgspec.Struct):
     claims: int
 
 
-def _queue(api: Api) -> AgentJobQueue:
-    queue: AgentJobQueue | None = getattr(api.service, "agent_jobs", None)
-    if queue is None:
+class AgentJobs(Protocol):
+    """What the routes need of the ``agent.jobs`` channel: async, so that the queue may live in another process
+    (an accept worker reaches the orchestrators' queues over RPC: :class:`aobd.planes.rpc.RemoteAgentJobs`)."""
+
+    async def claim(self, workspace: str, runner: str, wait_s: float, lease_s: float) -> AgentJobOut | None: ...
+
+    async def release(self, workspace: str, job_id: str, lease_id: str) -> None: ...
+
+    async def heartbeat(self, workspace: str, job_id: str, lease_id: str, lease_s: float | None) -> AgentJobLease: ...
+
+    async def complete(self, workspace: str, job_id: str, runner: str, body: AgentJobResult) -> AgentJobAccepted: ...
+
+    async def pending(self, workspace: str) -> list[AgentJobInfo]: ...
+
+
+class LocalAgentJobs:
+    """:class:`AgentJobs` over this process's :class:`~aobd.agents.jobs.AgentJobQueue`.
+
+    Lease and deadline times leave as seconds from now (never as the queue's clock readings), so the answers
+    mean the same in any process.
+    """
+
+    def __init__(self, queue: AgentJobQueue) -> None:
+        self.queue = queue
+
+    async def claim(self, workspace: str, runner: str, wait_s: float, lease_s: float) -> AgentJobOut | None:
+        claimed = await self.queue.claim(workspace, runner, wait_s, lease_s)
+        return None if claimed is None else _job_out(claimed, self.queue.clock())
+
+    async def release(self, workspace: str, job_id: str, lease_id: str) -> None:
+        self.queue.release(workspace, job_id, lease_id)
+
+    async def heartbeat(self, workspace: str, job_id: str, lease_id: str, lease_s: float | None) -> AgentJobLease:
+        claimed = self.queue.heartbeat(workspace, job_id, lease_id, lease_s)
+        return AgentJobLease(
+            claimed.job.job_id, claimed.lease_id, round(claimed.lease_deadline - self.queue.clock(), 3)
+        )
+
+    async def complete(self, workspace: str, job_id: str, runner: str, body: AgentJobResult) -> AgentJobAccepted:
+        job = self.queue.job(workspace, job_id)
+        result: AgentAnswer | NodeError
+        if body.error is not None:
+            if body.output is not None or body.patch is not None:
+                raise BadRequest("a result carries either 'error' or 'output'/'patch', not both")
+            result = NodeError(
+                f"agent {job.node_id!r} (external runner {runner}): {body.error.message[:_MESSAGE_CHARS]}",
+                code=body.error.code,
+                retryable=body.error.retryable,
+            )
+        else:
+            patch = None
+            if body.patch is not None:
+                patch = PatchProposal(
+                    ops=body.patch.ops,
+                    author=f"agent:{job.node_id}",
+                    reason=body.patch.reason,
+                    base=body.patch.base or job.version,
+                )
+            exchange = None if body.exchange is None else canonical_json(body.exchange)
+            result = AgentAnswer(output=body.output, patch=patch, usage=body.usage, exchange=exchange)
+        self.queue.complete(workspace, job_id, body.lease_id, result)
+        return AgentJobAccepted(job_id)
+
+    async def pending(self, workspace: str) -> list[AgentJobInfo]:
+        return [AgentJobInfo(**dataclasses.asdict(info)) for info in self.queue.pending(workspace)]
+
+
+def _jobs(api: Api) -> AgentJobs:
+    jobs: AgentJobQueue | AgentJobs | None = getattr(api.service, "agent_jobs", None)
+    if jobs is None:
         raise Unavailable("this daemon has no agent job queue; external agent runners are not available")
-    return queue
+    return LocalAgentJobs(jobs) if isinstance(jobs, AgentJobQueue) else jobs
 
 
 def _job_out(claimed: ClaimedJob, now: float) -> AgentJobOut:
@@ -182,56 +249,30 @@ async def claim_job(api: Api, r: Request) -> Any:
     from aobd.api.app import Response
 
     body = r.decode(AgentJobClaim)
-    queue = _queue(api)
+    jobs = _jobs(api)
     workspace = r.caller.workspace
-    claimed, left = await _unless_disconnected(queue.claim(workspace, body.runner, body.wait_s, body.lease_s), r)
+    claimed, left = await _unless_disconnected(jobs.claim(workspace, body.runner, body.wait_s, body.lease_s), r)
     if claimed is not None and left:
         # Nobody will ever see this lease: hand the job to the next runner now rather than when the lease lapses.
-        queue.release(workspace, claimed.job.job_id, claimed.lease_id)
+        await jobs.release(workspace, claimed.job_id, claimed.lease_id)
         claimed = None
     if claimed is None:
         return Response(None, 204)
-    return _job_out(claimed, queue.clock())
+    return claimed
 
 
 async def heartbeat_job(api: Api, r: Request) -> Any:
     body = r.decode(AgentJobHeartbeat)
-    queue = _queue(api)
-    claimed = queue.heartbeat(r.caller.workspace, r.params["id"], body.lease_id, body.lease_s)
-    return AgentJobLease(claimed.job.job_id, claimed.lease_id, round(claimed.lease_deadline - queue.clock(), 3))
+    return await _jobs(api).heartbeat(r.caller.workspace, r.params["id"], body.lease_id, body.lease_s)
 
 
 async def post_job_result(api: Api, r: Request) -> Any:
     body = r.decode(AgentJobResult)
-    queue = _queue(api)
-    job_id = r.params["id"]
-    job = queue.job(r.caller.workspace, job_id)
-    result: AgentAnswer | NodeError
-    if body.error is not None:
-        if body.output is not None or body.patch is not None:
-            raise BadRequest("a result carries either 'error' or 'output'/'patch', not both")
-        result = NodeError(
-            f"agent {job.node_id!r} (external runner {r.caller.name}): {body.error.message[:_MESSAGE_CHARS]}",
-            code=body.error.code,
-            retryable=body.error.retryable,
-        )
-    else:
-        patch = None
-        if body.patch is not None:
-            patch = PatchProposal(
-                ops=body.patch.ops,
-                author=f"agent:{job.node_id}",
-                reason=body.patch.reason,
-                base=body.patch.base or job.version,
-            )
-        exchange = None if body.exchange is None else canonical_json(body.exchange)
-        result = AgentAnswer(output=body.output, patch=patch, usage=body.usage, exchange=exchange)
-    queue.complete(r.caller.workspace, job_id, body.lease_id, result)
-    return AgentJobAccepted(job_id)
+    return await _jobs(api).complete(r.caller.workspace, r.params["id"], r.caller.name, body)
 
 
 async def list_agent_jobs(api: Api, r: Request) -> Any:
-    return [AgentJobInfo(**dataclasses.asdict(info)) for info in _queue(api).pending(r.caller.workspace)]
+    return await _jobs(api).pending(r.caller.workspace)
 
 
 def _routes() -> tuple[Route, ...]:

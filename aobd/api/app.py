@@ -8,6 +8,7 @@ and decoded with msgspec into the Structs of ``aobd.api.schemas``; every error l
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -463,7 +464,9 @@ async def openapi(api: Api, r: Request) -> Any:
 
 
 async def admin_status(api: Api, r: Request) -> Any:
-    return api.service.status(api.listen)
+    status: Any = api.service.status(api.listen)
+    # An accept worker's ServiceProxy asks the orchestrators, so its status is a coroutine.
+    return await status if inspect.isawaitable(status) else status
 
 
 async def admin_drain(api: Api, r: Request) -> Any:

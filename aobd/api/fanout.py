@@ -195,6 +195,10 @@ class FanoutHub:
         self._count += 1
         return subscription
 
+    def watching(self, run_id: str) -> bool:
+        """Whether any subscription follows ``run_id``: lets a remote feed skip decoding events nobody reads."""
+        return run_id in self._runs
+
     def subscriber_count(self) -> int:
         """The number of open subscriptions over all runs."""
         return self._count

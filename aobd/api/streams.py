@@ -146,8 +146,20 @@ async def _pump(
     last_write = loop.time()
     while True:
         if not await subscription.wait(max(0.0, last_write + heartbeat_s - loop.time())):
-            await sink.heartbeat()
+            # Idle: catch up from the log before the heartbeat. Live events from another process (the
+            # multi-process daemon's fanout plane) are best effort; this bounds a lost one, even the terminal
+            # event, to one heartbeat of delay instead of a stream that never ends. One point lookup per idle period.
+            out = []
+            if await log.last_seq(cursor.run_id) > cursor.seq:
+                for record in await log.read(cursor.run_id, cursor.seq, REPLAY_PAGE):
+                    cursor.take_record(record, out)
+            if out:
+                await sink.events(out)
+            else:
+                await sink.heartbeat()
             last_write = loop.time()
+            if cursor.finished:
+                return "end"
             continue
         batch = subscription.drain()
         if not batch:

@@ -32,7 +32,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 import msgspec
 import structlog
 
-from aobd.errors import ConfigError, StoreError
+# Re-exported: the bus's users import KafkaConfig and BusError from here. Their homes are the one config tree
+# and the one error tree, which must not import this module (nor confluent_kafka).
+from aobd.config import KafkaConfig
+from aobd.errors import BusError, ConfigError
 
 if TYPE_CHECKING:
     import confluent_kafka
@@ -51,58 +54,6 @@ PINNED_CONSUMER: Final[Mapping[str, Any]] = {
     # offsets move only through commit(), after the effect is durable
     "enable.auto.commit": False,
 }
-
-
-class BusError(StoreError):
-    """The Kafka bus failed: a send was not acknowledged, a commit or a poll failed, or a client error is fatal."""
-
-    code = "bus_error"
-
-
-class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``[kafka]`` table: where the brokers are, the topic names and how the clients are tuned."""
-
-    #: Comma-separated ``host:port`` list of brokers to bootstrap from.
-    bootstrap: str = "127.0.0.1:9092"
-    #: Run events, keyed by run_id, with a ``seq`` header.
-    events_topic: str = "workflow.events"
-    #: Node jobs by priority; consumers serve high before medium before low without starving low.
-    jobs_high_topic: str = "node.jobs.high"
-    jobs_medium_topic: str = "node.jobs.medium"
-    jobs_low_topic: str = "node.jobs.low"
-    #: Node attempt results, back to the orchestrator that owns the run.
-    results_topic: str = "node.results"
-    #: Agent jobs for external runners and their results.
-    agent_jobs_topic: str = "agent.jobs"
-    agent_results_topic: str = "agent.results"
-    #: Partitions of every topic ensure_topics creates. The partition of a run follows from it, so it cannot
-    #: change while runs are in flight; it also caps how many orchestrators share the runs.
-    partitions: int = 12
-    #: Replicas of every topic; -1 takes the broker's ``default.replication.factor``.
-    replication_factor: int = -1
-    #: Consumer group of the orchestrators (the planes that own runs).
-    group_id: str = "aobd"
-    #: librdkafka settings for every client (e.g. ``"security.protocol"``, ``"sasl.mechanisms"``).
-    client: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
-    #: librdkafka settings for producers only (e.g. ``"linger.ms"``, ``"compression.type"``).
-    producer: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
-    #: librdkafka settings for consumers only (e.g. ``"session.timeout.ms"``, ``"fetch.max.bytes"``).
-    consumer: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
-
-    @property
-    def job_topics(self) -> tuple[str, str, str]:
-        """Node job topics from the highest priority to the lowest."""
-        return (self.jobs_high_topic, self.jobs_medium_topic, self.jobs_low_topic)
-
-    @property
-    def topics(self) -> tuple[str, ...]:
-        return (
-            self.events_topic,
-            *self.job_topics,
-            self.results_topic,
-            self.agent_jobs_topic,
-            self.agent_results_topic,
-        )
 
 
 # --- pure policies: partitioning, dedupe, priority scheduling -------------------------------------------------

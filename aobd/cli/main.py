@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             from aobd.daemon.server import serve
 
             overrides = {"data_dir": getattr(args, "data_dir", None), "api.listen": getattr(args, "listen", None)}
-            return serve(config_path(args), single_process=getattr(args, "single_process", True), overrides=overrides)
+            single = getattr(args, "single_process", False) or os.environ.get("AOBD_SINGLE_PROCESS", "") in (
+                "1",
+                "true",
+            )
+            return serve(config_path(args), single_process=single, overrides=overrides)
         if command == "migrate":
             from aobd.store import migrate_cli
 

@@ -13,31 +13,40 @@ the Java clients). No clustering code of our own decides anything:
   next append conflicts with the new owner's (expected seq), and it stops then: the log has one writer.
 - Offsets are committed after the messages' effects are durable (at-least-once); a duplicate ``resume`` is a
   no-op.
-
-Node attempts still execute in the owning daemon's process; publishing them to the ``node.jobs.*`` topics for a
-runner plane is the next step (docs/scaling.md).
+- **Node outcomes.** With ``[cluster] execution = "bus"`` node attempts travel over ``node.jobs.*``
+  (:mod:`aobd.cluster.jobs`) and their outcomes come back on this same topic, keyed by run_id, so they reach
+  the run's owner; :mod:`aobd.cluster.messages` tells them from nudges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 
-from aobd.bus.kafka import KafkaConfig, KafkaConsumer, KafkaProducer, Partition, ensure_topics, partition_of
+from aobd.bus.kafka import (
+    BusError,
+    KafkaConfig,
+    KafkaConsumer,
+    KafkaProducer,
+    Message,
+    Partition,
+    ensure_topics,
+    partition_of,
+)
 from aobd.engine.driver import Engine
 from aobd.errors import NotFound
+from aobd.runner.remote import RemoteExecutor
+from aobd.runner.wire import NodeOutcome
+
+from .messages import Nudge, decode, encode_nudge
+
+if TYPE_CHECKING:
+    from .jobs import ClusterRunner
 
 log = structlog.get_logger("aobd.cluster")
-
-
-class Nudge(msgspec.Struct, frozen=True):
-    kind: str  # "resume"
-    run_id: str
-    sender: str
 
 
 class ClusterCoordinator:
@@ -53,9 +62,22 @@ class ClusterCoordinator:
         self.relayed = 0
         self._closing = False
         self._owned: set[int] = set()
-        self._encoder = msgspec.json.Encoder()
-        self._decoder = msgspec.json.Decoder(Nudge)
+        #: Set by aobd.cluster.jobs.install_bus_execution: where outcomes go, and this daemon's runner.
+        self.remote: RemoteExecutor | None = None
+        self.runner: ClusterRunner | None = None
+        self.outcomes = 0
         self.ready = asyncio.Event()
+
+    def attach_execution(self, remote: RemoteExecutor, runner: ClusterRunner | None) -> None:
+        """Deliver consumed outcomes to ``remote``; start and stop ``runner`` with this coordinator."""
+        self.remote = remote
+        self.runner = runner
+
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            raise BusError("the cluster coordinator is not started: it has no Kafka producer yet")
+        return self._producer
 
     async def start(self) -> None:
         await ensure_topics(self.config)
@@ -65,15 +87,16 @@ class ClusterCoordinator:
         )
         self._task = asyncio.create_task(self._consume())
         self._relay_task = asyncio.create_task(self._relay())
+        if self.runner is not None:
+            await self.runner.start(self._producer)
 
     def owns(self, run_id: str) -> bool:
         return partition_of(run_id, self.config.partitions) in self._owned
 
     async def announce(self, run_id: str) -> None:
         """Tell the run's owner, whoever it is, to carry the run on from the log."""
-        assert self._producer is not None
-        value = self._encoder.encode(Nudge("resume", run_id, self.daemon_id))
-        await self._producer.send(self.topic, run_id, value)
+        value, headers = encode_nudge(Nudge("resume", run_id, self.daemon_id))
+        await self.producer.send(self.topic, run_id, value, headers)
 
     async def _assigned(self, partitions: frozenset[Partition]) -> None:
         numbers = {p.partition for p in partitions if p.topic == self.topic}
@@ -113,20 +136,32 @@ class ClusterCoordinator:
                 log.exception("polling the cluster topic failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
-            runs = set()
-            for message in messages:
-                try:
-                    nudge = self._decoder.decode(message.value)
-                except msgspec.DecodeError:
-                    log.warning("ignoring a malformed cluster message", offset=message.offset)
-                    continue
-                if nudge.kind == "resume" and self.owns(nudge.run_id):
-                    runs.add(nudge.run_id)
+            runs = self._route(messages)
             # Each resume reads the run from the shared log: do a batch's concurrently (measured: serially, a
             # three-daemon cluster spent most of its time here).
             await asyncio.gather(*(self._resume(run_id) for run_id in runs))
             if messages:
                 await self._consumer.commit(messages)
+
+    def _route(self, messages: list[Message]) -> set[str]:
+        """Hand outcomes to the attempts waiting for them; return the owned runs that nudges ask to resume.
+
+        An outcome is committed once delivered, before its completion is recorded: if this daemon dies in
+        between, the run's next owner re-dispatches the attempt, so the offset need not wait for the record.
+        """
+        runs = set()
+        for message in messages:
+            payload = decode(message)
+            if isinstance(payload, NodeOutcome):
+                # Nobody waits for it (remote is None: execution = "local" here): dropped, and the attempt it
+                # answers, if any, times out and retries.
+                if self.remote is not None and self.remote.deliver(payload):
+                    self.outcomes += 1
+            elif payload is None:
+                log.warning("ignoring a malformed cluster message", offset=message.offset, headers=message.headers)
+            elif payload.kind == "resume" and self.owns(payload.run_id):
+                runs.add(payload.run_id)
+        return runs
 
     async def _relay(self) -> None:
         """The outbox relay: committed events to the events topic, so an event is on Kafka iff it was committed.
@@ -169,6 +204,10 @@ class ClusterCoordinator:
         this daemon still holds partition 0, so a clean stop leaves no committed event waiting for the next
         relay to be elected."""
         self._closing = True
+        if self.runner is not None:
+            # Runs on the producer, which closes last; the outcome consumer stays up meanwhile, as the engine
+            # was drained before (its remote attempts got their outcomes through it).
+            await self.runner.close()
         if self._relay_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._relay_task), flush_s)
@@ -188,4 +227,15 @@ class ClusterCoordinator:
             "owned_partitions": sorted(self._owned),
             "partitions": self.config.partitions,
             "outbox_relayed": self.relayed,
+            "execution": "bus" if self.remote is not None else "local",
+            **(
+                {
+                    "jobs_submitted": self.remote.submitted,
+                    "outcomes_delivered": self.outcomes,
+                    "outcomes_dropped": self.remote.dropped,
+                }
+                if self.remote is not None
+                else {}
+            ),
+            **({"runner": self.runner.status()} if self.runner is not None else {}),
         }

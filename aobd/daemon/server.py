@@ -6,8 +6,9 @@ systemd READY. SIGTERM/SIGINT or ``aobctl drain``: stop taking runs (503), let i
 for ``daemon.drain_grace_s``, close the stores (every committed event is already durable; unfinished runs are
 resumed by the next start) and exit 0. SIGHUP: reload tokens, rate limits and log level.
 
-The multi-process planes (issue: performance) replace the body of :func:`serve_single` with a supervisor of
-process groups; the Service, Api and AdminServer seams stay as they are.
+Without ``--single-process``, :func:`serve` starts the supervisor of the multi-process planes
+(:mod:`aobd.planes.supervisor`); each orchestrator child runs this same :class:`Daemon`, with the hooks marked
+``[planes]`` below: no HTTP listener when accept workers serve the API, a readiness event for its heartbeat.
 """
 
 from __future__ import annotations
@@ -87,20 +88,16 @@ def make_coordinator(config: Config, service: Service) -> Any:
     import os
     import socket
 
-    import msgspec
-
-    from aobd.bus.kafka import KafkaConfig
     from aobd.cluster.coordinator import ClusterCoordinator
+    from aobd.cluster.jobs import install_bus_execution
 
     if config.storage.event_log != "postgres" or config.storage.cas != "s3":
         raise ConfigError("cluster.enabled needs shared stores: storage.event_log = 'postgres' and storage.cas = 's3'")
-    try:
-        kafka = msgspec.convert(config.kafka, KafkaConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid [kafka] configuration: {exc}") from None
     daemon_id = config.cluster.daemon_id or f"{socket.gethostname()}:{os.getpid()}"
     service.engine.writer_id = daemon_id
-    coordinator = ClusterCoordinator(service.engine, kafka, daemon_id)
+    coordinator = ClusterCoordinator(service.engine, config.kafka, daemon_id)
+    if config.cluster.execution == "bus":
+        install_bus_execution(service.engine, coordinator, config)  # started and stopped by the coordinator
     service.cluster = coordinator
     return coordinator
 
@@ -122,9 +119,23 @@ def is_loopback(host: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config, stores: Stores, *, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        stores: Stores,
+        *,
+        config_path: str | None = None,
+        serve_http: bool = True,
+        serve_admin: bool = True,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # [planes] An orchestrator behind accept workers leaves the API port to them; only orchestrator 0
+        # opens the admin socket (aobctl's way in, whatever serves HTTP).
+        self.serve_http = serve_http
+        self.serve_admin = serve_admin
+        #: [planes] Set once runs are resumed and the listeners accept: the orchestrator child reports ready.
+        self.serving = asyncio.Event()
         self.host, self.port = split_listen(config.api.listen)
         self.data_dir = str(Path(config.data_dir).resolve())
         if not config.auth.tokens and not is_loopback(self.host):
@@ -186,6 +197,7 @@ class Daemon:
             # Gauges (active runs, pending approvals) and workflow labels of runs this start took over.
             self.metrics_listener.restore(await self.service.engine.events(run_id))
         await self._open_listeners()
+        self.serving.set()
         if not self.config.auth.tokens:
             log.warning(
                 "no auth tokens configured: the API is open, and serves loopback only", listen=self.config.api.listen
@@ -214,6 +226,10 @@ class Daemon:
         tls: dict[str, Any] = {}
         if self.config.api.tls_cert:
             tls = {"ssl_cert": Path(self.config.api.tls_cert), "ssl_key": Path(self.config.api.tls_key)}
+        if self.serve_admin:  # [planes]
+            await self.admin.start()
+        if not self.serve_http:  # [planes]
+            return
         server = Server(
             self.api,
             address=self.host,
@@ -225,7 +241,6 @@ class Daemon:
             **tls,
         )
         self._servers.append((server, asyncio.create_task(server.serve())))
-        await self.admin.start()
         await self._wait_listening()
 
     async def _wait_listening(self) -> None:
@@ -267,7 +282,8 @@ class Daemon:
                 await asyncio.wait_for(asyncio.shield(task), 10)
             except TimeoutError:
                 task.cancel()
-        await self.admin.close()
+        if self.serve_admin:  # [planes] the admin socket is another process's when this one did not open it
+            await self.admin.close()
         await self.api.limiter.close()
         for task in self._tasks:
             if not task.done():
@@ -278,13 +294,15 @@ class Daemon:
         return 0
 
 
-def serve(config_path: str | None, *, single_process: bool = True, overrides: dict[str, Any] | None = None) -> int:
+def serve(config_path: str | None, *, single_process: bool = False, overrides: dict[str, Any] | None = None) -> int:
     config = load_config(config_path, overrides=overrides)
     # A watchdog kill (SIGABRT) or a fatal signal leaves every thread's stack in the journal.
     faulthandler.enable()
     configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
-    if not single_process:
-        log.info("multi-process planes are not built yet; running single-process")
+    if not single_process:  # [planes] the default: a supervisor and its process groups
+        from aobd.planes.supervisor import serve as serve_planes
+
+        return serve_planes(config, config_path, overrides)
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from aobd.api import schemas as s
 from aobd.config import Config, masked
 from aobd.engine.driver import Engine, new_run_id
 from aobd.engine.machine import RunMachine
-from aobd.errors import AobdError, BadRequest, Conflict, NotFound, Unavailable, WorkflowInvalid
+from aobd.errors import AobdError, BadRequest, Conflict, ConflictError, NotFound, Unavailable, WorkflowInvalid
 from aobd.model import events as ev
 from aobd.model.canonical import canonical_json, sha256_ref
 from aobd.model.patch import PatchProposal, handler_modules
@@ -97,6 +98,10 @@ class Service:
         self._workspace_of: dict[str, str] = {}
         #: Set in a cluster: which runs this daemon drives (aobd.cluster.coordinator.ClusterCoordinator).
         self.cluster: Any = None
+        #: [planes] An orchestrator of a shard resumes only the runs this says it owns (None: every run).
+        self.owns_run: Callable[[str], bool] | None = None
+        #: [planes] The supervisor's health table and this orchestrator's job transport, for ``status()``.
+        self.planes_status: Callable[[], dict[str, Any]] | None = None
         #: The agent.jobs channel for external runners (claimed over the HTTP API).
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs
@@ -107,7 +112,14 @@ class Service:
 
     async def start(self) -> list[str]:
         """Resume every unfinished run (a cluster resumes only its partitions' runs), then report ready."""
-        resumed = [] if self.cluster is not None else await self.engine.resume_all()
+        if self.cluster is not None:
+            resumed = []
+        elif self.owns_run is not None:
+            resumed = [r for r in await self.log.unfinished_runs() if self.owns_run(r)]
+            for run_id in resumed:
+                await self.engine.resume(run_id)
+        else:
+            resumed = await self.engine.resume_all()
         for run_id in resumed:
             machine = await self.engine.load(run_id)
             self._workspace_of[run_id] = machine.workspace
@@ -219,7 +231,11 @@ class Service:
 
     # ------------------------------------------------------------------ runs
 
-    async def start_run(self, caller: Caller, body: s.RunStart, *, wait_s: float = 0.0) -> dict[str, Any]:
+    async def start_run(
+        self, caller: Caller, body: s.RunStart, *, wait_s: float = 0.0, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """Start a run; ``run_id`` is minted here unless given (an accept worker mints it to pick the shard that
+        owns the run before calling that orchestrator, see :class:`aobd.planes.rpc.ServiceProxy`)."""
         if self.draining:
             raise Unavailable("the daemon is draining; it accepts no new runs")
         if (body.workflow is None) == (body.definition is None):
@@ -236,24 +252,36 @@ class Service:
                     + " in this workspace"
                 )
             document = orjson.loads(await self.cas.get(found.doc_ref))
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
+        retried = False
         if body.idempotency_key:
             existing = await self.meta.claim_idempotency(caller.workspace, body.idempotency_key, run_id)
             if existing is not None:
-                return await self.get_run(caller, existing)
+                if await self.log.get_run(existing) is not None:
+                    return await self.get_run(caller, existing)
+                # The attempt that claimed the key died before recording its run (a crash, a killed
+                # orchestrator): this retry records it under the same id, so the key still names one run.
+                if self.owns_run is not None and not self.owns_run(existing):
+                    raise Unavailable("the run of this idempotency key belongs to another orchestrator; retry")
+                run_id, retried = existing, True
         load_workflow(document, source="definition")
         self._check_handlers(document)
         overlays = await self._patch_set(caller, body.patch_set or [], document)
         drive = self.cluster is None or self.cluster.owns(run_id)
-        await self.engine.start_run(
-            document,
-            body.inputs,
-            run_id=run_id,
-            workspace=caller.workspace,
-            overlays=overlays,
-            drive=drive,
-            priority=body.priority,
-        )
+        try:
+            await self.engine.start_run(
+                document,
+                body.inputs,
+                run_id=run_id,
+                workspace=caller.workspace,
+                overlays=overlays,
+                drive=drive,
+                priority=body.priority,
+            )
+        except ConflictError:
+            if not retried:
+                raise
+            return await self.get_run(caller, run_id)  # the first attempt was still in flight, and won
         if not drive:
             await self.cluster.announce(run_id)  # its owner carries it on from the log
             if wait_s > 0:
@@ -289,11 +317,14 @@ class Service:
             overlays.append(PatchProposal(ops=record.ops, author=record.author, reason=f"patch set: {patch_id}"))
         return overlays
 
-    async def replay(self, caller: Caller, run_id: str, from_node: str, mode: str) -> dict[str, Any]:
+    async def replay(
+        self, caller: Caller, run_id: str, from_node: str, mode: str, *, new_run_id: str | None = None
+    ) -> dict[str, Any]:
+        """A new run from ``run_id``'s history; ``new_run_id`` as in :meth:`start_run` (the new run's shard)."""
         if self.draining:
             raise Unavailable("the daemon is draining; it accepts no new runs")
         await self.check_run(caller, run_id)
-        new_id = await self.engine.replay(run_id, from_node, mode)
+        new_id = await self.engine.replay(run_id, from_node, mode, new_run_id=new_run_id)
         return (await self.engine.load(new_id)).summary()
 
     async def _machine(self, caller: Caller, run_id: str) -> RunMachine:
@@ -440,6 +471,7 @@ class Service:
             planes={
                 "mode": "single-process",
                 "inflight": self.engine.inflight(),
+                **(self.planes_status() if self.planes_status is not None else {}),
                 **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
             },
         )

@@ -128,6 +128,8 @@ class Engine:
         carries it on from the log.
         """
         run_id = run_id or new_run_id()
+        if run_id in self._runs:
+            raise ConflictError(f"run {run_id!r} exists already")
         url_check: Callable[[str], list[str]] = no_url_check
         if overlays:
             url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
@@ -220,7 +222,7 @@ class Engine:
             await self.resume(run_id)
         return ids
 
-    async def replay(self, run_id: str, from_node: str, mode: str = "freeze") -> str:
+    async def replay(self, run_id: str, from_node: str, mode: str = "freeze", *, new_run_id: str | None = None) -> str:
         """A new run linked to ``run_id``: nodes not downstream of ``from_node`` reuse their recorded outputs,
         ``from_node`` and everything after it run again; ``freeze`` also replays recorded agent answers whose
         inputs are unchanged. The source run's applied patches come along as overlays."""
@@ -252,6 +254,7 @@ class Engine:
         return await self.start_run(
             source.base_doc,
             source.inputs,
+            run_id=new_run_id,
             workspace=source.workspace,
             parent_run_id=run_id,
             source_dir=source.created.source_dir,

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import xxhash
 
 from aobd.config import Config
 
+#: sockaddr_un.sun_path is 108 bytes on Linux (107 characters and a NUL); "orch-NNN.jobs" and friends need ~16 more.
+MAX_SOCKET_PATH = 107
+_LONGEST_NAME = "orch-9999.jobs"
+
 
 def socket_dir(config: Config) -> Path:
-    return Path(config.planes.socket_dir or Path(config.data_dir) / "planes")
+    """The directory of the planes' ipc sockets: ``planes.socket_dir``, else ``<data_dir>/planes``.
+
+    A unix socket path longer than :data:`MAX_SOCKET_PATH` cannot be bound, and deep data directories (CI
+    workspaces, pytest's tmp_path) exceed it. Then the sockets go to ``$XDG_RUNTIME_DIR`` (or the temporary
+    directory) under ``aobd-<hash of the resolved data_dir>``: every process of one daemon computes the same
+    name, and two daemons with different data directories never share one.
+    """
+    wanted = Path(config.planes.socket_dir) if config.planes.socket_dir else Path(config.data_dir) / "planes"
+    wanted = wanted.resolve()
+    if len(str(wanted / _LONGEST_NAME)) <= MAX_SOCKET_PATH:
+        return wanted
+    digest = hashlib.sha256(str(wanted).encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"aobd-{digest}"
+
+
+def ensure_socket_dir(config: Config) -> Path:
+    """Create the socket directory, private to this user (the sockets carry jobs and the daemon's health)."""
+    path = socket_dir(config)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def _ipc(config: Config, name: str) -> str:

@@ -49,6 +49,7 @@ class RemoteExecutor:
             workspace=ctx.workspace,
             priority=ctx.priority,  # type: ignore[arg-type]
             origin=self.origin,
+            idempotency_key=ctx.idempotency_key,
         )
         future: asyncio.Future[NodeOutcome] = asyncio.get_running_loop().create_future()
         self._pending[job.job_id] = future

@@ -34,6 +34,8 @@ class NodeJob(msgspec.Struct, frozen=True, omit_defaults=True):
     priority: Priority = "medium"
     #: Who to answer (transport-specific: an orchestrator's id).
     origin: str = ""
+    #: The attempt's ``ctx.idempotency_key`` (a map item's is ``<run>:<node>:<index>``); empty: ``<run>:<node>``.
+    idempotency_key: str = ""
 
 
 class NodeOutcome(msgspec.Struct, frozen=True, omit_defaults=True):

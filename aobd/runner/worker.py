@@ -73,7 +73,7 @@ class Runner:
             run_id=job.run_id,
             node_id=job.node_id,
             attempt=job.attempt,
-            idempotency_key=f"{job.run_id}:{job.node_id}",
+            idempotency_key=job.idempotency_key or f"{job.run_id}:{job.node_id}",
             timeout_s=job.timeout_s,
             workspace=job.workspace,
             priority=job.priority,

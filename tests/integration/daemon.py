@@ -1,4 +1,4 @@
-"""Start a real ``aobd serve --single-process`` subprocess for integration tests, and talk to it."""
+"""Start a real ``aobd serve`` subprocess for integration tests (``--single-process`` unless asked), and talk to it."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ class Daemon:
     config: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: False: the multi-process daemon (supervisor, orchestrator, runners), as a plain ``aobd serve`` runs.
+    single_process: bool = True
 
     @property
     def url(self) -> str:
@@ -63,7 +65,7 @@ class Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aobd.cli.main", "serve", "--single-process"],
+            [sys.executable, "-m", "aobd.cli.main", "serve", *(["--single-process"] if self.single_process else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**self.env(), **(extra_env or {})},

@@ -327,6 +327,21 @@ def test_sse_heartbeats_arrive_while_the_run_is_idle() -> None:
     run_async(main())
 
 
+def test_sse_catches_up_from_the_log_when_live_events_are_lost() -> None:
+    """A publisher in another process may drop events (the terminal one too): idle streams read the log."""
+
+    async def main() -> None:
+        async with Harness(heartbeat_s=0.05) as h:
+            h.engine.listeners.remove(h.hub.publish)  # nothing reaches the hub: the log is the only source
+            await h.engine.start_run(chain(("a", 100), ("b", 100)), {}, run_id="r-lost")
+            url = f"{h.base}/runs/r-lost/events"
+            async with h.client.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                messages = await read_sse(response)
+            assert messages == await h.stored("r-lost")
+
+    run_async(main())
+
+
 def test_sse_slow_subscriber_gets_lagged_while_the_run_completes() -> None:
     async def main() -> None:
         async with Harness(buffer_size=2) as h:

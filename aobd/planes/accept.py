@@ -1,0 +1,136 @@
+"""An HTTP accept worker: the Api over a :class:`~aobd.planes.rpc.ServiceProxy`, on the shared API port.
+
+Several accept workers listen on ``api.listen`` at once: granian binds its listener with SO_REUSEPORT (on every
+platform but Windows), so the kernel spreads new connections over the workers' sockets with no shared accept
+lock. Each worker forwards Service calls to the orchestrators over zmq, follows live events from the fanout
+plane, and reads the event log itself to replay a stream's history (every process of the daemon shares the
+stores; SQLite's WAL lets readers in other processes run beside the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+
+from aobd.api.app import Api
+from aobd.api.fanout import FanoutHub
+from aobd.config import Config
+from aobd.daemon.server import is_loopback, split_listen
+from aobd.daemon.service import Service
+from aobd.errors import ConfigError
+from aobd.metrics import Metrics
+from aobd.planes.fanout import FanoutSubscriber
+from aobd.planes.health import ChildLink
+from aobd.planes.rpc import ServiceProxy
+from aobd.store.factory import open_stores
+
+__all__ = ["main", "serve"]
+
+log = structlog.get_logger("aobd.planes.accept")
+
+
+def main(config: Config, index: int) -> int:
+    """Entry point of accept worker ``index``: serve until SIGTERM/SIGINT, then stop; returns the exit status."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config, index))
+
+
+async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None) -> int:
+    """Serve the API until ``stop`` is set (or a SIGTERM/SIGINT when none is given)."""
+    host, port = split_listen(config.api.listen)
+    if not config.auth.tokens and not is_loopback(host):
+        raise ConfigError(
+            f"api.listen is {config.api.listen} but no [[auth.tokens]] are configured: "
+            "an open daemon serves loopback only. Configure tokens or listen on 127.0.0.1"
+        )
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    stores = await open_stores(config)
+    proxy = ServiceProxy(config, log=stores.log)
+    hub = FanoutHub(buffer_size=config.api.stream_buffer)
+    subscriber = FanoutSubscriber(config, hub)
+    metrics = Metrics()
+    metrics.track_subscribers(hub.subscriber_count)
+    # ServiceProxy has the Service's call surface (tests/unit/test_planes_rpc.py compares the signatures); the
+    # cast keeps Api typed against the real Service instead of a protocol listing forty members.
+    api = Api(cast(Service, proxy), listen=config.api.listen, hub=hub, metrics=metrics)
+    link = ChildLink(config, "accept", index)
+    link.start()
+    await proxy.start()
+    await subscriber.start()
+    server, task = _granian(api, config, host, port)
+    try:
+        await _wait_listening(host, port, task)
+        link.ready = True  # the supervisor tells systemd READY once every child said so
+        await link.beat_now()
+        log.info("accept worker ready", index=index, listen=config.api.listen)
+        await stop.wait()
+    finally:
+        proxy.draining = True  # /readyz answers 503 while the listener closes
+        hub.close()  # ends the live streams, so granian's shutdown does not wait on them
+        server.stop()
+        try:
+            # Let granian finish its own shutdown; cancelling its task breaks its lifespan glue.
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        except TimeoutError:
+            task.cancel()
+        await subscriber.close()
+        await proxy.close()
+        await api.limiter.close()
+        await stores.close()
+        await link.close()
+        log.info("accept worker stopped", index=index)
+    return 0
+
+
+async def _wait_listening(host: str, port: int, serving: asyncio.Task[Any]) -> None:
+    """Until the port accepts connections, or granian's task ended (a bind error).
+
+    With SO_REUSEPORT another worker may be the one that answers: this proves that the port is served and that
+    this worker's server is running, not that its own socket is bound yet (granian reports no such event).
+    """
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
+        if serving.done():
+            serving.result()  # its exception, if it failed
+            break
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise ConfigError(f"could not listen on {host}:{port}")
+
+
+def _granian(api: Api, config: Config, host: str, port: int) -> tuple[Any, asyncio.Task[Any]]:
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+
+    tls: dict[str, Any] = {}
+    if config.api.tls_cert:
+        tls = {"ssl_cert": Path(config.api.tls_cert), "ssl_key": Path(config.api.tls_key)}
+    # Built as the single-process daemon builds it (HTTP/1.1 and h2c by prior knowledge, or ALPN with TLS).
+    # granian's listener sets SO_REUSEPORT itself; that is what lets the workers share the port.
+    server = Server(
+        api,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.auto,
+        websockets=True,
+        log_enabled=False,
+        **tls,
+    )
+    return server, asyncio.create_task(server.serve())

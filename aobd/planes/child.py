@@ -1,0 +1,166 @@
+"""``python -m aobd.planes.child ROLE INDEX [--config PATH]``: one process of the multi-process daemon.
+
+The supervisor (:mod:`aobd.planes.supervisor`) starts these; they are not meant to be started by hand. Roles:
+
+- ``orchestrator``: the :class:`aobd.daemon.server.Daemon` of ``--single-process`` (Service, Engine, stores),
+  whose function and http attempts go to the runner plane through a :class:`RemoteExecutor` over
+  :class:`ZmqJobTransport`. Without the accept plane it also serves the HTTP API and the admin socket (there is
+  then exactly one orchestrator); with it, it resumes only the runs of its shard and serves nothing itself.
+- ``runner``: :class:`aobd.planes.jobs.RunnerLoop`.
+- ``accept`` / ``fanout``: ``aobd.planes.accept.main(config, index)`` and ``aobd.planes.fanout.main(config)``.
+
+Every child heartbeats to the supervisor and dies with it (PR_SET_PDEATHSIG): an orphaned orchestrator would
+keep driving runs that a restarted daemon also drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import faulthandler
+import os
+import signal
+import sys
+from typing import Any
+
+import structlog
+
+from aobd.config import Config, load_config
+from aobd.log import configure_logging
+
+log = structlog.get_logger("aobd.planes.child")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the supervisor dies, even by SIGKILL (children then drain as on a stop)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the heartbeat timeouts still notice a dead supervisor's children
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def orchestrator(config: Config, index: int, config_path: str | None) -> int:
+    from aobd.daemon.server import Daemon
+    from aobd.runner.remote import RemoteExecutor
+    from aobd.store.factory import open_stores
+
+    from . import paths
+    from .health import ChildLink
+    from .jobs import ZmqJobTransport
+    from .supervisor import accept_plane_enabled
+
+    accept = accept_plane_enabled(config)
+    stores = await open_stores(config)
+    daemon = Daemon(config, stores, config_path=config_path, serve_http=not accept, serve_admin=index == 0)
+    service = daemon.service
+    n = config.planes.orchestrators if accept else 1
+    if n > 1:
+        service.owns_run = lambda run_id: paths.shard_of(run_id, n) == index
+    transport = ZmqJobTransport(config, index)
+    executor = RemoteExecutor(transport, origin=f"orch-{index}")
+    transport.deliver = executor.deliver
+    # Only these two types leave the process (wire.REMOTE_TYPES): agents, maps and composites need the live run.
+    service.engine.executors["function"] = executor
+    service.engine.executors["http"] = executor
+    link = ChildLink(
+        config, "orchestrator", index, want_health=True, on_gone=lambda g: transport.runner_gone(g.index, g.pid)
+    )
+    service.planes_status = lambda: {
+        **link.health,
+        "mode": "multi-process",
+        "orchestrator": index,
+        "jobs": transport.status(),
+    }
+    daemon.metrics.track_planes(lambda: link.health)
+    await transport.start()
+    link.start()
+    rpc_server: Any = None
+    publisher: Any = None
+    if accept:
+        # Serve this Service to the accept workers, and publish committed events to the fanout plane for their
+        # live streams.
+        from .fanout import EventPublisher
+        from .rpc import RpcServer
+
+        rpc_server = RpcServer(service, paths.orchestrator_rpc(config, index))
+        await rpc_server.start()
+        publisher = EventPublisher(config)
+        service.engine.listeners.append(publisher)
+    run = asyncio.create_task(daemon.run())
+    serving = asyncio.create_task(daemon.serving.wait())
+    await asyncio.wait({run, serving}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        link.ready = True
+        await link.beat_now()
+    else:
+        serving.cancel()
+    try:
+        return await run
+    finally:
+        if rpc_server is not None:
+            await rpc_server.close()
+        if publisher is not None:
+            publisher.close()
+        await link.close()
+        await transport.close()
+
+
+async def runner(config: Config, index: int) -> int:
+    from .health import ChildLink
+    from .jobs import RunnerLoop
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner_loop = RunnerLoop(config, index)
+    link = ChildLink(config, "runner", index)
+    await runner_loop.start()
+    link.ready = True
+    link.start()
+    log.info("runner ready", index=index, credit=runner_loop.credit, orchestrators=config.planes.orchestrators)
+    await stop.wait()
+    # The orchestrators drained first (the supervisor's order); what is left in hand finishes or is abandoned.
+    await runner_loop.drain(config.daemon.drain_grace_s)
+    await runner_loop.close()
+    await link.close()
+    log.info("runner stopped", index=index, executed=runner_loop.runner.executed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aobd.planes.child")
+    parser.add_argument("role", choices=["orchestrator", "runner", "accept", "fanout"])
+    parser.add_argument("index", type=int)
+    parser.add_argument("--config")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    faulthandler.enable()
+    config = load_config(args.config)
+    configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
+    structlog.contextvars.bind_contextvars(plane=f"{args.role}-{args.index}")
+    if args.role == "accept":
+        from aobd.planes import accept
+
+        return int(accept.main(config, args.index))
+    if args.role == "fanout":
+        from aobd.planes import fanout
+
+        return int(fanout.main(config))
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        if args.role == "orchestrator":
+            return loop_runner.run(orchestrator(config, args.index, args.config))
+        return loop_runner.run(runner(config, args.index))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The fanout plane: committed events from the orchestrators to the accept workers' live streams.
+
+Orchestrators publish through an :class:`EventPublisher` (an engine listener) to the plane's XSUB
+(:func:`aobd.planes.paths.fanout_in`); the plane forwards to its XPUB (:func:`aobd.planes.paths.fanout_out`), where
+each accept worker's :class:`FanoutSubscriber` feeds the local :class:`~aobd.api.fanout.FanoutHub` that SSE and
+WebSocket streams subscribe to. A message is ``[run_id, msgpack list of event JSON]``, the events of one run
+in seq order, exactly as stored in the log.
+
+Delivery is best effort, which the streams already tolerate: they replay history from the event log before
+following live events, fill a gap in seqs from the log, and a client resumes with ``Last-Event-ID``. Publishing
+never waits (zmq PUB drops at its high-water mark rather than block the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from aobd.api.fanout import FanoutHub
+from aobd.config import Config
+from aobd.model.events import Event, decode_event, encode_event
+from aobd.planes import paths
+
+__all__ = ["EventPublisher", "FanoutSubscriber", "main", "serve"]
+
+log = structlog.get_logger("aobd.planes.fanout")
+
+#: Messages queued per socket before zmq drops: ~minutes of a busy orchestrator's events; streams refill gaps.
+HIGH_WATER_MARK = 100_000
+
+_encoder = msgspec.msgpack.Encoder()
+_batch = msgspec.msgpack.Decoder(list[bytes])
+
+
+def bind(config: Config, context: zmq.Context[Any]) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+    """The plane's XSUB (orchestrators connect) and XPUB (accept workers connect), bound."""
+    paths.ensure_socket_dir(config)
+    inbound = context.socket(zmq.XSUB)
+    outbound = context.socket(zmq.XPUB)
+    for socket in (inbound, outbound):
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    inbound.bind(paths.fanout_in(config))
+    outbound.bind(paths.fanout_out(config))
+    return inbound, outbound
+
+
+def forward(inbound: zmq.Socket[Any], outbound: zmq.Socket[Any]) -> None:
+    """Forward until the sockets' context is terminated; then close them (which lets the termination finish)."""
+    try:
+        # XSUB/XPUB forward the subscriptions upstream too, so publishers filter at the source.
+        zmq.proxy(inbound, outbound)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        inbound.close()
+        outbound.close()
+
+
+def main(config: Config) -> int:
+    """Entry point of the fanout plane process: forward until SIGTERM/SIGINT; returns the exit status."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config))
+
+
+async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
+    """Run the proxy on a thread (zmq.proxy is a blocking C loop) while the event loop heartbeats to the
+    supervisor (:class:`aobd.planes.health.ChildLink`), until ``stop`` is set or a SIGTERM/SIGINT arrives."""
+    from aobd.planes.health import ChildLink
+
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    # Its own context: terminating it ends the proxy without touching the heartbeat socket.
+    context: zmq.Context[Any] = zmq.Context()
+    inbound, outbound = bind(config, context)  # here, so that a bind error fails the process at once
+    thread = threading.Thread(target=forward, args=(inbound, outbound), name="aobd-fanout-proxy", daemon=True)
+    thread.start()
+    link = ChildLink(config, "fanout", 0)
+    link.start()
+    link.ready = True
+    await link.beat_now()
+    log.info("fanout plane ready", inbound=paths.fanout_in(config), outbound=paths.fanout_out(config))
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.to_thread(context.term)  # returns once forward() closed its sockets
+        thread.join(5)
+        await link.close()
+    return 0
+
+
+class EventPublisher:
+    """Engine listener of an orchestrator: publishes committed events to the fanout plane.
+
+    The engine calls the listener once per committed step (one run); events are gathered until the event loop
+    turns and then sent as one message per run, so a burst of commits costs one send per run, not per step.
+
+    Usage: ``publisher = EventPublisher(config); engine.listeners.append(publisher)``; ``publisher.close()``.
+    """
+
+    def __init__(self, config: Config, *, endpoint: str | None = None, context: zmq.Context[Any] | None = None) -> None:
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        # A plain (blocking-API) socket: PUB never blocks, so the sync listener can send from the loop thread.
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._socket.connect(endpoint or paths.fanout_in(config))
+        self._pending: dict[str, list[bytes]] = {}
+        self._scheduled = False
+        self.dropped = 0
+
+    def __call__(self, events: list[Event]) -> None:
+        for event in events:
+            self._pending.setdefault(event.run_id, []).append(encode_event(event))
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self._scheduled = True
+        except RuntimeError:  # no loop (a synchronous caller): nothing to coalesce with
+            self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for run_id, encoded in pending.items():
+            try:
+                self._socket.send_multipart([run_id.encode(), _encoder.encode(encoded)], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped += 1  # streams refill the gap from the log
+            except zmq.ZMQError:
+                return  # closed: the orchestrator is stopping
+
+    def close(self) -> None:
+        self.flush()
+        self._socket.close()
+        if self._own_context:
+            self._context.term()
+
+
+class FanoutSubscriber:
+    """Feeds an accept worker's hub from the fanout plane.
+
+    It subscribes to every run rather than to the runs being watched: a per-run zmq subscription reaches the
+    publisher only some time later, and an event committed in between (the terminal one, say) would be lost
+    to a stream that already read the log; the stream would then wait forever. Events of runs nobody here
+    watches are dropped before decoding (:meth:`FanoutHub.watching`), which keeps the cost to a receive and a
+    dict lookup per message.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        hub: FanoutHub,
+        *,
+        endpoint: str | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.hub = hub
+        self.endpoint = endpoint or paths.fanout_out(config)
+        self._own_context = context is None
+        self._context = context or zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        socket = self._context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.connect(self.endpoint)
+        self._socket = socket
+        self._task = asyncio.create_task(self._receive(socket), name="aobd-fanout-subscriber")
+
+    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await socket.recv_multipart()
+            if len(frames) != 2 or not self.hub.watching(frames[0].decode()):
+                continue
+            try:
+                events: Sequence[Event] = [decode_event(data) for data in _batch.decode(frames[1])]
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                log.warning("undecodable fanout message", run_id=frames[0][:64])
+                continue
+            self.hub.publish(events)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close()
+        if self._own_context:
+            self._context.term()

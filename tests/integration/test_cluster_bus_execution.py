@@ -1,0 +1,84 @@
+"""Two daemons, node attempts over the bus (``[cluster] execution = "bus"``): the runners of both daemons execute
+attempts, also of runs the other daemon owns, and every run's history stays exactly-once."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster_services import AWS_ENV, cluster_config, shared_services
+from tests.integration.daemon import Daemon, free_port
+from tests.integration.test_cluster_multinode import check_history, start_runs, wait_all_completed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+NODES = 4
+WHERE = {
+    "name": "where",
+    "nodes": [{"id": f"n{i}", "type": "function", "config": {"handler": "tests.handlers:where"}} for i in range(NODES)],
+    "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(NODES - 1)],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with shared_services(kafka=True) as services:
+        yield {**services, "base": Path(tmp_path_factory.mktemp("bus"))}
+
+
+def bus_daemon(cluster: dict[str, Any], name: str, prefix: str) -> Daemon:
+    base: Path = cluster["base"]
+    path = cluster_config(cluster, base / f"{name}.toml", daemon_id=name, kafka_prefix=prefix, execution="bus")
+    text = path.read_text().replace('handler_modules = ["perf.w6_handlers"]', 'handler_modules = ["tests.handlers"]')
+    path.write_text(text)
+    return Daemon(base / name, free_port(), config=path)
+
+
+def cluster_status(d: Daemon) -> dict[str, Any]:
+    return d.request("GET", "/v1/admin/status").body["planes"]["cluster"]
+
+
+def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, Any]) -> None:
+    import psycopg
+
+    prefix = f"b{uuid.uuid4().hex[:6]}"
+    daemons = [bus_daemon(cluster, name, prefix) for name in ("p", "q")]
+    for d in daemons:
+        d.start(extra_env=AWS_ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            owned = [cluster_status(d)["owned_partitions"] for d in daemons]
+            if all(owned) and sorted(p for parts in owned for p in parts) == list(range(6)):
+                break
+            time.sleep(0.2)
+        pids = {d.proc.pid: name for d, name in zip(daemons, ("p", "q")) if d.proc is not None}
+        run_ids = start_runs(daemons, [(WHERE, {})] * 40)
+        wait_all_completed(cluster["dsn"], run_ids, timeout=60)
+        statuses = [cluster_status(d) for d in daemons]
+    finally:
+        for d in daemons:
+            d.stop()
+    check_history(cluster["dsn"], run_ids)
+    # Who recorded each completion (the run's owner) and whose runner executed it (the pid in the output).
+    pairs: Counter[tuple[str, str]] = Counter()
+    with psycopg.connect(cluster["dsn"]) as conn:
+        rows = conn.execute(
+            "SELECT data FROM events WHERE run_id = ANY(%s) AND type = 'NodeCompleted'", (run_ids,)
+        ).fetchall()
+    for (data,) in rows:
+        event = json.loads(bytes(data))
+        pairs[(event["writer"], pids[event["output"]["pid"]])] += 1
+    assert sum(pairs.values()) == 40 * NODES
+    assert {runner for _, runner in pairs} == {"p", "q"}, pairs  # both daemons' runners executed attempts
+    assert any(writer != runner for writer, runner in pairs), pairs  # also attempts of runs the other owns
+    assert all(s["execution"] == "bus" for s in statuses), statuses
+    assert sum(s["jobs_submitted"] for s in statuses) >= 40 * NODES
+    assert sum(s["runner"]["jobs_executed"] for s in statuses) >= 40 * NODES
+    assert sum(s["outcomes_delivered"] for s in statuses) == 40 * NODES, statuses

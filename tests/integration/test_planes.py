@@ -1,0 +1,247 @@
+"""The multi-process daemon (plain ``aobd serve``): supervisor, orchestrators, runners, accept workers, fanout.
+
+W6 runs go through the planes over HTTP while children are killed with SIGKILL: the supervisor restarts each
+(and counts it), and every run still completes with exactly one NodeCompleted per node and gap-free seqs. The
+groups are pinned to their configured cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aobd.model import events as ev
+from aobd.store.sqlite_log import SqliteEventLog
+from perf.w6 import w6_document
+from tests.integration.daemon import Daemon, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUNS = 240
+
+
+def _config(path: Path, cpus: int, layout: str = "accept_workers = 0\nrunners = 2\n") -> Path:
+    """By default accept_workers = 0: orchestrator 0 serves HTTP itself."""
+    pinning = "control_cpus = [0]\nrunner_cpus = [1]\n" if cpus >= 2 else ""
+    path.write_text(
+        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n'
+        f"[planes]\n{layout}restart_backoff_s = 0.1\n{pinning}"
+    )
+    return path
+
+
+def _planes(daemon: Daemon) -> dict[str, Any]:
+    reply = daemon.request("GET", "/v1/admin/status")
+    assert reply.status == 200, reply.body
+    return dict(reply.body["planes"])
+
+
+def _all_up(daemon: Daemon) -> dict[str, Any] | None:
+    planes = _planes(daemon)
+    return planes if all(c["state"] == "up" for c in planes["children"]) else None
+
+
+def _child(planes: dict[str, Any], role: str, index: int) -> dict[str, Any]:
+    return next(c for c in planes["children"] if c["role"] == role and c["index"] == index)
+
+
+def _wait_for(predicate: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_runner_and_orchestrator_killed_under_load_every_run_completes_once(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    daemon = Daemon(tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", cpus), single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    try:
+        # /readyz answers once orchestrator 0 serves; the runners start after it (orchestrators start first).
+        planes = _wait_for(lambda: _all_up(daemon))
+        assert planes["mode"] == "multi-process"
+        orch, runner = _child(planes, "orchestrator", 0), _child(planes, "runner", 0)
+        assert orch["pid"] != planes["supervisor_pid"] and runner["state"] == "up"
+        if cpus >= 2:
+            assert os.sched_getaffinity(orch["pid"]) == {0}
+            assert os.sched_getaffinity(runner["pid"]) == {1}
+            assert runner["cpus"] == [1]
+
+        body = {"definition": w6_document(), "inputs": {"x": 1}}
+        created: list[str] = []
+        lock = threading.Lock()
+
+        def client(n: int) -> None:
+            for _ in range(n):
+                while True:  # the orchestrator may be restarting: retry until it answers
+                    try:
+                        reply = daemon.request("POST", "/v1/runs", body, timeout=10)
+                    except OSError:
+                        time.sleep(0.05)
+                        continue
+                    if reply.status == 201:
+                        break
+                    time.sleep(0.05)
+                with lock:
+                    created.append(reply.body["run_id"])
+
+        threads = [threading.Thread(target=client, args=(RUNS // 8,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: len(created) >= RUNS // 4)
+        os.kill(runner["pid"], signal.SIGKILL)
+        _wait_for(lambda: len(created) >= RUNS // 2)
+        os.kill(orch["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        assert len(created) == RUNS
+
+        def settled() -> bool:
+            running = daemon.request("GET", "/v1/runs?status=running&limit=1000")
+            return running.status == 200 and not running.body
+
+        _wait_for(settled, timeout=60)
+        planes = _wait_for(lambda: _planes(daemon) if _child(_planes(daemon), "runner", 0)["state"] == "up" else None)
+        assert _child(planes, "runner", 0)["restarts"] >= 1
+        assert _child(planes, "orchestrator", 0)["restarts"] >= 1
+        assert _child(planes, "orchestrator", 0)["pid"] != orch["pid"]
+        metrics = daemon.request("GET", "/metrics").body.decode()
+        assert 'aobd_plane_restarts_total{role="runner"}' in metrics
+        assert 'aobd_plane_up{index="0",role="runner"} 1.0' in metrics
+        children = [c["pid"] for c in planes["children"]]
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()[-3000:]
+    for pid in children:  # the drain stopped every child
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+    async def check() -> None:
+        log = SqliteEventLog(tmp_path / "data" / "events.db")
+        try:
+            runs = await log.list_runs(limit=10_000)
+            assert len(runs) >= RUNS and {r.status for r in runs} == {"completed"}
+            for info in runs:
+                events = [ev.decode_event(r.data) for r in await log.read(info.run_id)]
+                assert [e.seq for e in events] == list(range(1, len(events) + 1)), info.run_id
+                completions = Counter(e.node_id for e in events if isinstance(e, ev.NodeCompleted))
+                assert len(completions) == 6 and max(completions.values()) == 1, (info.run_id, completions)
+        finally:
+            await log.close()
+
+    asyncio.run(check())
+
+
+def test_drain_on_request_stops_the_whole_daemon(tmp_path: Path) -> None:
+    """``aobctl drain`` reaches orchestrator 0 over the admin socket; the supervisor then stops every child."""
+    daemon = Daemon(tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", 1), single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    assert daemon.proc is not None
+    reply = daemon.request("POST", "/v1/runs?wait=10", {"definition": w6_document(), "inputs": {"x": 1}})
+    assert reply.status == 201 and reply.body["status"] == "completed", json.dumps(reply.body)[:500]
+    drain = subprocess.run(
+        [sys.executable, "-m", "aobd.ctl.main", "--socket", str(daemon.socket), "drain", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env(),
+    )
+    assert drain.returncode == 0, drain.stderr
+    assert daemon.proc.wait(timeout=40) == 0, daemon.output()[-3000:]
+
+
+def test_default_layout_survives_a_kill_of_every_child_kind(tmp_path: Path) -> None:
+    """Accept workers, two orchestrators (runs sharded by id), a runner and the fanout plane; each kind is killed
+    once under load. Clients retry with an idempotency key, as a client of any HTTP service must when an answer
+    is lost: a retried start never makes a second run."""
+    layout = "accept_workers = 2\norchestrators = 2\nrunners = 1\n"
+    daemon = Daemon(
+        tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", 1, layout), single_process=False
+    )
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    runs = 160
+    try:
+        planes = _wait_for(lambda: _all_up(daemon))
+        roles = Counter(c["role"] for c in planes["children"])
+        assert roles == {"orchestrator": 2, "accept": 2, "runner": 1, "fanout": 1}, roles
+        victims = [
+            _child(planes, role, index)
+            for role, index in (("accept", 1), ("runner", 0), ("orchestrator", 1), ("fanout", 0))
+        ]
+        body = {"definition": w6_document(), "inputs": {"x": 1}}
+        created: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def client(k: int, n: int) -> None:
+            for i in range(n):
+                key = f"c{k}-{i}"
+                while True:
+                    try:
+                        reply = daemon.request("POST", "/v1/runs", {**body, "idempotency_key": key}, timeout=15)
+                    except OSError:
+                        time.sleep(0.05)
+                        continue
+                    if reply.status == 201:
+                        break
+                    assert reply.status in (502, 503), reply.body  # a child restarting, nothing else
+                    time.sleep(0.05)
+                with lock:
+                    created[key] = reply.body["run_id"]
+
+        threads = [threading.Thread(target=client, args=(k, runs // 8)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for step, victim in enumerate(victims, start=1):
+            _wait_for(lambda step=step: len(created) >= runs * step // 5, timeout=60)
+            os.kill(victim["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(90)
+        assert len(created) == runs and len(set(created.values())) == runs
+
+        def settled() -> bool:
+            running = daemon.request("GET", "/v1/runs?status=running&limit=1000")
+            return running.status == 200 and not running.body
+
+        _wait_for(settled, timeout=90)
+        planes = _wait_for(lambda: _all_up(daemon), timeout=30)
+        for victim in victims:
+            child = _child(planes, victim["role"], victim["index"])
+            assert child["restarts"] >= 1 and child["pid"] != victim["pid"], child
+        # a run's events still stream live through the restarted fanout plane
+        reply = daemon.request("POST", "/v1/runs?wait=10", body)
+        assert reply.status == 201 and reply.body["status"] == "completed", reply.body
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()[-3000:]
+
+    async def check() -> None:
+        log = SqliteEventLog(tmp_path / "data" / "events.db")
+        try:
+            infos = await log.list_runs(limit=10_000)
+            assert len(infos) == runs + 1 and {r.status for r in infos} == {"completed"}
+            for info in infos:
+                events = [ev.decode_event(r.data) for r in await log.read(info.run_id)]
+                assert [e.seq for e in events] == list(range(1, len(events) + 1)), info.run_id
+                completions = Counter(e.node_id for e in events if isinstance(e, ev.NodeCompleted))
+                assert len(completions) == 6 and max(completions.values()) == 1, (info.run_id, completions)
+                assert {e.writer for e in events} == {None}  # one daemon: no cluster writer ids
+        finally:
+            await log.close()
+
+    asyncio.run(check())
