@@ -48,6 +48,52 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc: the planes run in their own sessions, so no process group)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process tree, as /proc counts it."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def tree_peak_rss_mb(root: int) -> float:
+    """The sum of every process's peak RSS (VmHWM) in a process tree."""
+    total_kb = 0
+    for pid in _tree(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total_kb += int(line.split()[1])
+    return round(total_kb / 1024.0, 1)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -130,8 +176,11 @@ async def run_http(
     if url is None:
         config = data_dir.parent / "bench.toml"
         # The benchmark measures the engine, not the limiter; its handlers are its own module.
-        # multi: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off).
-        planes = "[planes]\naccept_workers = 0\n" if processes == "multi" else ""
+        # multi: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off);
+        # multi-accept: the default layout, accept workers on the port calling the orchestrator over zmq.
+        planes = {"multi": "[planes]\naccept_workers = 0\n", "multi-accept": "[planes]\naccept_workers = 2\n"}.get(
+            processes, ""
+        )
         config.write_text(
             f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}'
         )
@@ -159,9 +208,13 @@ async def run_http(
                     statuses.append("completed" if ok else str(summary.get("status") or summary))
                     run_ids.append(summary.get("run_id", ""))
 
+            root = daemon.proc.pid if daemon is not None and daemon.proc is not None else None
+            cpu_before = tree_cpu_seconds(root) if root else 0.0
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
+            daemon_cpu = tree_cpu_seconds(root) - cpu_before if root else None
+            daemon_rss = tree_peak_rss_mb(root) if root else None
             hops: list[float] = []
             for run_id in [r for r in run_ids if r][:: max(1, len(run_ids) // 200)]:
                 async with http.get(f"{url}/v1/runs/{run_id}/events") as resp:
@@ -183,7 +236,9 @@ async def run_http(
         "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
         "hop_p50_ms": round(percentile(hops, 0.5), 3),
         "hop_p99_ms": round(percentile(hops, 0.99), 3),
-        "peak_rss_mb": None,
+        # the daemon's whole process tree (supervisor and children); None against --url
+        "peak_rss_mb": daemon_rss,
+        "cpu_ms_per_1000_nodes": None if daemon_cpu is None else round(daemon_cpu * 1000.0 / (6 * runs) * 1000.0, 1),
     }
 
 
@@ -281,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
     parser.add_argument(
         "--processes",
-        choices=["single", "multi"],
+        choices=["single", "multi", "multi-accept"],
         default="single",
-        help="http mode: start the daemon with --single-process, or as the supervisor and its planes",
+        help="http mode: start the daemon with --single-process; as the supervisor with one orchestrator serving "
+        "HTTP and the runner plane (multi); or in the default layout with accept workers (multi-accept)",
     )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument(

@@ -94,9 +94,14 @@ class KafkaBroker:
     Use :func:`start_broker`; ``close()`` stops everything and removes the storage.
     """
 
-    def __init__(self, bootstrap: str, *, binary: str | None = None) -> None:
-        """A broker at ``bootstrap``: started here from the Tansu ``binary``, or external when it is None."""
+    def __init__(self, bootstrap: str, *, binary: str | None = None, storage: str = "s3") -> None:
+        """A broker at ``bootstrap``: started here from the Tansu ``binary``, or external when it is None.
+
+        ``storage="memory"`` (or AOBD_TANSU_STORAGE=memory) keeps messages in the broker's memory: no S3 round trip
+        per produce, which the S3 server of this process cannot serve fast enough for hundreds of runs whose every
+        node attempt is two more messages, but nothing survives a restart (:attr:`can_restart` is then False)."""
         self.bootstrap = bootstrap
+        self.storage = "memory" if os.environ.get("AOBD_TANSU_STORAGE") == "memory" else storage
         #: True for AOBD_TEST_KAFKA: such a broker cannot be stopped or restarted by the tests.
         self.external = binary is None
         self._binary = binary or ""
@@ -117,7 +122,7 @@ class KafkaBroker:
 
     @property
     def can_restart(self) -> bool:
-        return not self.external
+        return not self.external and self.storage != "memory"
 
     @property
     def consumer_settings(self) -> dict[str, str | int | float | bool]:
@@ -155,9 +160,7 @@ class KafkaBroker:
                     "--advertised-listener-url",
                     url,
                     "--storage-engine",
-                    # Benchmarks may take memory storage (AOBD_TANSU_STORAGE=memory): no S3 round trip per
-                    # produce, but nothing survives a restart, so the restart test keeps the default.
-                    "memory://tansu/" if os.environ.get("AOBD_TANSU_STORAGE") == "memory" else f"s3://{BUCKET}/",
+                    "memory://tansu/" if self.storage == "memory" else f"s3://{BUCKET}/",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -219,7 +222,7 @@ class KafkaBroker:
         return self._log.read_text(errors="replace")[-chars:] if self._log and self._log.exists() else ""
 
 
-def start_broker() -> KafkaBroker:
+def start_broker(storage: str = "s3") -> KafkaBroker:
     """The broker for a test module: AOBD_TEST_KAFKA when set, else Tansu started here (skip/fail if impossible)."""
     external = os.environ.get("AOBD_TEST_KAFKA")
     if external:
@@ -227,7 +230,7 @@ def start_broker() -> KafkaBroker:
         if not metadata_ready(host, int(port), timeout=5.0):
             service_missing("Kafka broker", f"AOBD_TEST_KAFKA={external} does not answer a Metadata request")
         return KafkaBroker(external)
-    broker = KafkaBroker(f"127.0.0.1:{free_port()}", binary=tansu_binary())
+    broker = KafkaBroker(f"127.0.0.1:{free_port()}", binary=tansu_binary(), storage=storage)
     try:
         broker.start()
     except BaseException:

@@ -581,11 +581,11 @@ class Engine:
             "agent_jobs": self.agent_jobs,
             "execute": self._run_node,
             "run_child": self._run_child,
+            # A reference, not a copy: agents read the graph, the runner plane publishes it by version.
+            "document": machine.doc,
         }
         if node_type in ("agent", "map"):
-            # Only agents read the workflow and its node statuses: building them per attempt of every node
-            # would cost O(nodes) on the hot path.
-            services["document"] = machine.doc
+            # Only agents read the node statuses: building them per attempt of every node would cost O(nodes).
             services["node_status"] = {nid: n.status for nid, n in machine.nodes.items()}
         return services
 

@@ -54,6 +54,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     from . import paths
     from .health import ChildLink
     from .jobs import ZmqJobTransport
+    from .shm_ir import SharedDocuments, namespace_of
     from .supervisor import accept_plane_enabled
 
     accept = accept_plane_enabled(config)
@@ -64,7 +65,8 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     if n > 1:
         service.owns_run = lambda run_id: paths.shard_of(run_id, n) == index
     transport = ZmqJobTransport(config, index)
-    executor = RemoteExecutor(transport, origin=f"orch-{index}")
+    documents = SharedDocuments(namespace_of(config.data_dir))
+    executor = RemoteExecutor(transport, origin=f"orch-{index}", documents=documents)
     transport.deliver = executor.deliver
     # Only these two types leave the process (wire.REMOTE_TYPES): agents, maps and composites need the live run.
     service.engine.executors["function"] = executor
@@ -110,6 +112,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
             publisher.close()
         await link.close()
         await transport.close()
+        documents.close()
 
 
 async def runner(config: Config, index: int) -> int:

@@ -36,7 +36,7 @@ from aobd.runner import wire
 from aobd.runner.wire import NodeJob, NodeOutcome
 from aobd.runner.worker import Runner
 
-from . import paths
+from . import paths, shm_ir
 
 log = structlog.get_logger("aobd.planes.jobs")
 
@@ -267,6 +267,7 @@ class RunnerLoop:
             f"runner-{index}:{self.pid}",
             handler_modules=list(config.security.handler_modules),
             http_allow=list(config.security.http_allow),
+            documents=shm_ir.SharedDocuments(shm_ir.namespace_of(config.data_dir)),
         )
         self._ctx = zmq.asyncio.Context.instance()
         self._socks: list[zmq.asyncio.Socket] = []

@@ -14,8 +14,9 @@ Lifetime: segments outlive the processes that created them (POSIX shm), so the s
 of its namespace on shutdown (:func:`cleanup`). Python's resource tracker would unlink a segment when *any*
 process that touched it exits; it is told to forget each one, since ownership belongs to the daemon as a whole.
 
-Status: the module and its contract are built and tested; the orchestrators and runners do not use it yet
-(jobs still carry the node itself). See docs/architecture.md.
+Use: an orchestrator's :class:`aobd.runner.remote.RemoteExecutor` publishes each run's current document
+version before its first job naming it; jobs then carry ``(version, node_id)`` instead of the node, and runners
+(:class:`aobd.runner.worker.Runner`) decode each node once per version. See docs/architecture.md.
 """
 
 from __future__ import annotations

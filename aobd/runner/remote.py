@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,22 +28,41 @@ class JobTransport(Protocol):
         """Hand the job to a runner (or to a durable queue that will); raise if it could not be handed off."""
 
 
+class Documents(Protocol):
+    def publish(self, version: str, document: dict[str, Any]) -> bool:
+        """Make ``document`` readable by ``version`` in every process (idempotent: content-addressed)."""
+
+
 class RemoteExecutor:
-    def __init__(self, transport: JobTransport, *, origin: str, clock: Callable[[], float] = time.time) -> None:
+    """With ``documents`` (the runner plane's shared memory), a job names its node by the run's document
+    version instead of carrying it: the document is published once per version, and every runner reads nodes
+    from there. Without (Kafka between machines), the node travels in the job."""
+
+    def __init__(
+        self,
+        transport: JobTransport,
+        *,
+        origin: str,
+        clock: Callable[[], float] = time.time,
+        documents: Documents | None = None,
+    ) -> None:
         self.transport = transport
         self.origin = origin
         self.clock = clock
+        self.documents = documents
+        self._published: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, asyncio.Future[NodeOutcome]] = {}
         self.submitted = 0
         self.dropped = 0
 
     async def __call__(self, node: Node, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        version = self._shared_version(node, ctx)
         job = NodeJob(
             job_id=uuid.uuid4().hex,
             run_id=ctx.run_id,
             node_id=ctx.node_id,
             attempt=ctx.attempt,
-            node=node,
+            node=None if version else node,
             inputs=inputs,
             timeout_s=ctx.timeout_s,
             deadline=self.clock() + ctx.timeout_s,
@@ -50,6 +70,7 @@ class RemoteExecutor:
             priority=ctx.priority,  # type: ignore[arg-type]
             origin=self.origin,
             idempotency_key=ctx.idempotency_key,
+            version=version,
         )
         future: asyncio.Future[NodeOutcome] = asyncio.get_running_loop().create_future()
         self._pending[job.job_id] = future
@@ -60,6 +81,25 @@ class RemoteExecutor:
         finally:
             self._pending.pop(job.job_id, None)
         return result_of(outcome)
+
+    def _shared_version(self, node: Node, ctx: NodeContext) -> str:
+        """The version a runner can read this node from, publishing it first if needed; "" to send it inline
+        (no shared memory, a node that is not in the document such as a map's item, or publishing failed)."""
+        version: str = ctx.services.get("version", "")
+        document = ctx.services.get("document")
+        if self.documents is None or not version or document is None or node.id != ctx.node_id:
+            return ""
+        if version in self._published:
+            self._published.move_to_end(version)
+            return version
+        try:
+            self.documents.publish(version, document)
+        except OSError:
+            return ""  # /dev/shm full or unavailable: the job carries its node, as over Kafka
+        self._published[version] = None
+        if len(self._published) > 4096:
+            self._published.popitem(last=False)
+        return version
 
     def deliver(self, outcome: NodeOutcome) -> bool:
         """Resolve the call waiting for ``outcome``; False when nobody waits for it any more."""

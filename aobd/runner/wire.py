@@ -25,7 +25,8 @@ class NodeJob(msgspec.Struct, frozen=True, omit_defaults=True):
     run_id: str
     node_id: str
     attempt: int
-    node: Node
+    #: The node to run; None when ``version`` names it instead (the shared-memory IR of the runner plane).
+    node: Node | None
     inputs: dict[str, Any]
     timeout_s: float
     #: Unix time after which the orchestrator has given up on this attempt: a runner skips stale jobs.
@@ -36,6 +37,9 @@ class NodeJob(msgspec.Struct, frozen=True, omit_defaults=True):
     origin: str = ""
     #: The attempt's ``ctx.idempotency_key`` (a map item's is ``<run>:<node>:<index>``); empty: ``<run>:<node>``.
     idempotency_key: str = ""
+    #: The run's document version holding ``node_id``, published in shared memory (aobd.planes.shm_ir): the
+    #: runner reads the node from there, so a patched run is executed on its patched graph.
+    version: str = ""
 
 
 class NodeOutcome(msgspec.Struct, frozen=True, omit_defaults=True):

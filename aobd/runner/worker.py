@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from aobd.errors import NodeError
+from aobd.model.workflow import Node
 from aobd.nodes.base import NodeContext
 from aobd.nodes.function import execute_function
 from aobd.nodes.registry import Executor
@@ -48,8 +52,12 @@ class Runner:
         handler_modules: list[str] | None,
         http_allow: list[str] | None = None,
         clock: Callable[[], float] = time.time,
+        documents: Any = None,
     ) -> None:
         self.runner_id = runner_id
+        #: Where jobs naming a document version find their node (aobd.planes.shm_ir.SharedDocuments).
+        self.documents = documents
+        self._nodes: OrderedDict[tuple[str, str], Node] = OrderedDict()
         self.handler_modules = handler_modules
         self.http_allow = list(http_allow or [])
         self.clock = clock
@@ -65,9 +73,13 @@ class Runner:
             self.expired += 1
             message = "the job reached a runner after its deadline"
             return self._outcome(job, error={"code": "expired", "message": message})
-        executor = self._executors.get(job.node.type) if job.node.type in REMOTE_TYPES else None
+        node = job.node if job.node is not None else self._shared_node(job.version, job.node_id)
+        if node is None:
+            message = f"node {job.node_id!r} of version {job.version!r} is not in shared memory"
+            return self._outcome(job, error={"code": "ir_missing", "message": message})
+        executor = self._executors.get(node.type) if node.type in REMOTE_TYPES else None
         if executor is None:
-            message = f"node type {job.node.type!r} does not run on a runner"
+            message = f"node type {node.type!r} does not run on a runner"
             return self._outcome(job, error={"code": "no_executor", "message": message}, retryable=False)
         ctx = NodeContext(
             run_id=job.run_id,
@@ -82,13 +94,26 @@ class Runner:
         self.executed += 1
         try:
             async with asyncio.timeout(max(0.0, job.deadline - self.clock())):
-                output = await executor(job.node, job.inputs, ctx)
+                output = await executor(node, job.inputs, ctx)
         except Exception as exc:
             error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
             return self._outcome(job, error=error, retryable=retryable)
         return NodeOutcome(
             job.job_id, job.run_id, job.node_id, job.attempt, True, output, runner=self.runner_id, origin=job.origin
         )
+
+    def _shared_node(self, version: str, node_id: str) -> Node | None:
+        """The node from the published document, decoded once per (version, node) in this process."""
+        key = (version, node_id)
+        node = self._nodes.get(key)
+        if node is None and self.documents is not None:
+            raw = self.documents.node(version, node_id)
+            if raw is None:
+                return None
+            node = self._nodes[key] = msgspec.convert(raw, Node)
+            if len(self._nodes) > 16_384:
+                self._nodes.popitem(last=False)
+        return node
 
     def _outcome(self, job: NodeJob, *, error: dict[str, Any], retryable: bool = True) -> NodeOutcome:
         return NodeOutcome(
@@ -113,3 +138,5 @@ class Runner:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+        if self.documents is not None:
+            self.documents.close()

@@ -49,3 +49,12 @@ def test_peers_table_runs_with_aobd_alone() -> None:
     # Peers need their own venvs (PyPI): the harness's own plumbing is what this keeps from rotting.
     result = harness("perf.peers", "--only", "aobd", "--runs", "20", "--c1-runs", "3", "--concurrency", "4", "--json")
     assert [row["peer"] for row in result] == ["aobd"] and result[0]["completed"] == 20
+
+
+@pytest.mark.parametrize("processes", ["single", "multi-accept"])
+def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str) -> None:
+    result = harness(
+        "perf.w6", "--mode", "http", "--processes", processes, "--runs", "30", "--concurrency", "4", "--json"
+    )
+    assert result["completed"] == 30
+    assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0

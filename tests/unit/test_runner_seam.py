@@ -135,3 +135,51 @@ def test_a_job_that_never_comes_back_times_out_and_is_retried() -> None:
 def test_outcomes_and_jobs_survive_the_wire_unchanged() -> None:
     outcome = NodeOutcome("j1", "r1", "n1", 2, False, error={"code": "x", "message": "m"}, retryable=False)
     assert wire.decode_outcome(wire.encode(outcome)) == outcome
+
+
+def test_jobs_name_their_node_by_version_and_runners_read_the_patched_graph_from_shared_memory() -> None:
+    import uuid
+
+    from aobd.model.patch import PatchProposal
+    from aobd.planes import shm_ir
+
+    namespace = f"aobdtest{uuid.uuid4().hex[:8]}"
+    doc = workflow([fn("a", "builtin:echo"), fn("b", "builtin:echo")], [{"from": "a", "to": "b"}], name="shm")
+    # the patch swaps b's handler: a runner reading the base version would echo, the patched one returns null
+    patch = PatchProposal(ops=[{"op": "replace", "path": "/nodes/1/config/handler", "value": "builtin:noop"}])
+
+    async def main() -> None:
+        orchestrator_side = shm_ir.SharedDocuments(namespace)
+        # two runners, each with its own view of the segments (as two processes would have)
+        runners = [
+            Runner(f"runner-{i}", handler_modules=None, documents=shm_ir.SharedDocuments(namespace)) for i in (0, 1)
+        ]
+        transport = WireTransport(runners[0])
+        executor = RemoteExecutor(transport, origin="orch-0", documents=orchestrator_side)
+        transport.executor = executor
+        engine = Engine(MemoryEventLog(), MemoryCas())
+        engine.executors["function"] = executor
+        try:
+            base_run = await engine.start_run(doc, {"v": 1})
+            base = await engine.wait(base_run)
+            transport.runner = runners[1]
+            patched_run = await engine.start_run(doc, {"v": 1}, overlays=[patch])
+            patched = await engine.wait(patched_run)
+            assert base["status"] == patched["status"] == "completed"
+            outputs = {
+                run_id: {e.node_id: e.output for e in await history(engine, run_id) if isinstance(e, ev.NodeCompleted)}
+                for run_id in (base_run, patched_run)
+            }
+            assert outputs[base_run]["b"] is not None  # echo: the base version ran
+            assert outputs[patched_run]["b"] is None  # the patched node ran, read from the patched version
+            assert all(job.node is None and job.version for job in transport.jobs)
+            assert len({job.version for job in transport.jobs}) == 2 and orchestrator_side.published == 2
+            assert runners[0].documents.reads >= 1 and runners[1].documents.reads >= 1
+        finally:
+            await engine.close()
+            for runner in runners:
+                await runner.close()
+            orchestrator_side.close()
+            shm_ir.cleanup(namespace)
+
+    run_async(main())
