@@ -128,6 +128,9 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Where node attempts of function and http nodes execute: "bus" publishes them on node.jobs.<priority>
     #: for any daemon's runners; "local" runs them in the daemon that owns the run.
     execution: Literal["bus", "local"] = "bus"
+    #: The URL other daemons reach this one's API at, to forward commands for runs it drives; empty: from
+    #: api.listen (with this host's name when it listens on every address).
+    advertise_url: str = ""
     #: With execution = "bus": node jobs this daemon's runner executes at once (taken from node.jobs.*; a job
     #: waits on Kafka, not in memory, while every slot is busy). 0: this daemon runs no jobs, it only orchestrates.
     runner_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 256

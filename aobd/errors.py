@@ -136,6 +136,18 @@ class Conflict(AobdError):
     code = "conflict"
 
 
+class Misdirected(Conflict):
+    """A command for a run another daemon of the cluster drives. The API forwards it to ``owner_url`` when it
+    knows the owner; otherwise (or on the admin socket, which has no token to forward) it is a 409."""
+
+    code = "misdirected"
+
+    def __init__(self, message: str, *, owner: str | None = None, owner_url: str | None = None) -> None:
+        super().__init__(message, details=[{"owner": owner, "owner_url": owner_url}] if owner else None)
+        self.owner = owner
+        self.owner_url = owner_url
+
+
 class PayloadTooLarge(AobdError):
     code = "payload_too_large"
 

@@ -27,6 +27,7 @@ from aobd.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    Misdirected,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -35,6 +36,8 @@ from aobd.errors import (
     WorkflowInvalid,
 )
 from aobd.model.canonical import canonical_json
+
+from .forward import FORWARDED_BY, Forwarder
 
 log = structlog.get_logger("aobd.api")
 
@@ -139,6 +142,7 @@ class Api:
         self.auth = Authenticator(self.config.auth.tokens)
         self.limiter = make_limiter(self.config)
         self._routes = [(r, r.pattern()) for r in ROUTES]
+        self._forwarder: Forwarder | None = None
 
     def reload(self, config: Any) -> None:
         """SIGHUP: tokens, rate limits and body limits change live."""
@@ -193,7 +197,10 @@ class Api:
             request = Request(scope, receive, send, params, query, caller)
             if route.body is not None or method in ("POST", "PUT", "PATCH"):
                 request.body = await self._read_body(scope, receive)
-            result = await route.handler(self, request)
+            try:
+                result = await route.handler(self, request)
+            except Misdirected as exc:
+                result = await self._forward(request, exc)
             if result is STREAMED:
                 # A stream's lifetime is not a request latency: keep it out of the latency histogram.
                 status, started = 200, -1.0
@@ -216,6 +223,26 @@ class Api:
                 self.metrics.observe_request(
                     route.op_id if route else "unmatched", method, status, time.perf_counter() - started
                 )
+
+    async def _forward(self, request: Request, exc: Misdirected) -> Response:
+        """A command for a run another daemon drives: its answer, when it can be asked (a known owner, a request
+        with its own token, not forwarded already); otherwise the misdirection itself (409)."""
+        scope = request.scope
+        preset = scope.get("extensions", {}).get("aobd.caller") is not None  # the admin socket: no token to pass on
+        if exc.owner_url is None or preset or request.header(FORWARDED_BY) is not None:
+            raise exc
+        if self._forwarder is None:
+            self._forwarder = Forwarder(getattr(self.service.cluster, "daemon_id", "") or "unknown")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        status, content_type, body = await self._forwarder.forward(
+            scope["method"], scope["path"], scope.get("query_string", b""), headers, request.body, exc.owner_url
+        )
+        return Response(status=status, content_type=content_type, raw=body)
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        if self._forwarder is not None:
+            await self._forwarder.close()
 
     def _authorize(self, scope: Scope, route: Route) -> Caller:
         preset = scope.get("extensions", {}).get("aobd.caller")

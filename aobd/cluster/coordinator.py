@@ -67,6 +67,11 @@ class ClusterCoordinator:
         self.runner: ClusterRunner | None = None
         self.outcomes = 0
         self.ready = asyncio.Event()
+        #: Set by the daemon (aobd.cluster.directory.Directory): told when this daemon's partitions change.
+        self.directory: Any = None
+
+    def owned_partitions(self) -> set[int]:
+        return set(self._owned)
 
     def attach_execution(self, remote: RemoteExecutor, runner: ClusterRunner | None) -> None:
         """Deliver consumed outcomes to ``remote``; start and stop ``runner`` with this coordinator."""
@@ -101,6 +106,8 @@ class ClusterCoordinator:
     async def _assigned(self, partitions: frozenset[Partition]) -> None:
         numbers = {p.partition for p in partitions if p.topic == self.topic}
         self._owned |= numbers
+        if self.directory is not None:
+            self.directory.ownership_changed()
         resumed = 0
         for run_id in await self.engine.log.unfinished_runs():
             if partition_of(run_id, self.config.partitions) in numbers:
@@ -111,6 +118,8 @@ class ClusterCoordinator:
     async def _revoked(self, partitions: frozenset[Partition]) -> None:
         numbers = {p.partition for p in partitions if p.topic == self.topic}
         self._owned -= numbers
+        if self.directory is not None:
+            self.directory.ownership_changed()
         released = [
             run_id
             for run_id in self.engine.active_runs()

@@ -89,6 +89,7 @@ def make_coordinator(config: Config, service: Service) -> Any:
     import socket
 
     from aobd.cluster.coordinator import ClusterCoordinator
+    from aobd.cluster.directory import Directory, advertised_url
     from aobd.cluster.jobs import install_bus_execution
 
     if config.storage.event_log != "postgres" or config.storage.cas != "s3":
@@ -98,6 +99,10 @@ def make_coordinator(config: Config, service: Service) -> Any:
     coordinator = ClusterCoordinator(service.engine, config.kafka, daemon_id)
     if config.cluster.execution == "bus":
         install_bus_execution(service.engine, coordinator, config)  # started and stopped by the coordinator
+    url = advertised_url(config.cluster.advertise_url, config.api.listen, socket.gethostname())
+    coordinator.directory = Directory(
+        service.meta, daemon_id, url, coordinator.owned_partitions, config.kafka.partitions
+    )
     service.cluster = coordinator
     return coordinator
 
@@ -189,6 +194,7 @@ class Daemon:
         started = time.perf_counter()
         if self.cluster is not None:
             await self.cluster.start()
+            self.cluster.directory.start()
             # Serve once this daemon knows its partitions (their runs are resumed by the assignment hook).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.cluster.ready.wait(), 60)
@@ -268,6 +274,7 @@ class Daemon:
         log.info("draining", inflight=self.service.engine.inflight(), grace_s=grace)
         finished = await self.service.drain(grace)
         if self.cluster is not None:
+            await self.cluster.directory.close()  # nobody forwards here any more
             await self.cluster.close()  # leave the group: the partitions move to the other daemons now
         if not finished:
             log.warning(
@@ -284,7 +291,7 @@ class Daemon:
                 task.cancel()
         if self.serve_admin:  # [planes] the admin socket is another process's when this one did not open it
             await self.admin.close()
-        await self.api.limiter.close()
+        await self.api.close()
         for task in self._tasks:
             if not task.done():
                 task.cancel()

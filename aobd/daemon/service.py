@@ -25,7 +25,16 @@ from aobd.api import schemas as s
 from aobd.config import Config, masked
 from aobd.engine.driver import Engine, new_run_id
 from aobd.engine.machine import RunMachine
-from aobd.errors import AobdError, BadRequest, Conflict, ConflictError, NotFound, Unavailable, WorkflowInvalid
+from aobd.errors import (
+    AobdError,
+    BadRequest,
+    Conflict,
+    ConflictError,
+    Misdirected,
+    NotFound,
+    Unavailable,
+    WorkflowInvalid,
+)
 from aobd.model import events as ev
 from aobd.model.canonical import canonical_json, sha256_ref
 from aobd.model.patch import PatchProposal, handler_modules
@@ -351,6 +360,7 @@ class Service:
 
     async def cancel(self, caller: Caller, run_id: str, reason: str) -> dict[str, Any]:
         machine = await self._machine(caller, run_id)
+        await self._check_owner(machine)
         if machine.status != "running":
             raise Conflict(f"run {run_id} is {machine.status}; only running runs can be cancelled")
         await self.engine.cancel(run_id, reason, caller.name)
@@ -378,14 +388,23 @@ class Service:
 
     async def _running(self, caller: Caller, run_id: str) -> RunMachine:
         machine = await self._machine(caller, run_id)
-        if self.cluster is not None and machine.status == "running" and not self.cluster.owns(run_id):
-            raise Conflict(
-                f"run {run_id} is driven by another daemon of the cluster; send this request to it "
-                "(forwarding commands between daemons is not built yet)"
-            )
+        await self._check_owner(machine)
         if machine.status != "running":
             raise Conflict(f"run {run_id} is {machine.status}; patches and decisions apply only to running runs")
         return machine
+
+    async def _check_owner(self, machine: RunMachine) -> None:
+        """In a cluster, only the daemon driving a running run changes it (the API forwards the command there)."""
+        run_id = machine.run_id
+        if self.cluster is not None and machine.status == "running" and not self.cluster.owns(run_id):
+            owner = await self.cluster.directory.owner_of(run_id)
+            raise Misdirected(
+                f"run {run_id} is driven by "
+                + (f"daemon {owner[0]} ({owner[1]})" if owner else "another daemon of the cluster")
+                + "; send this request there",
+                owner=owner[0] if owner else None,
+                owner_url=owner[1] if owner else None,
+            )
 
     async def propose_patch(self, caller: Caller, run_id: str, body: s.PatchPost) -> s.PatchInfo:
         await self._running(caller, run_id)

@@ -137,6 +137,18 @@ MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        "cluster directory: which daemon holds which partitions, and its API address",
+        [
+            """CREATE TABLE daemons (
+                daemon_id text PRIMARY KEY,
+                api_url text NOT NULL,
+                partitions integer[] NOT NULL,
+                seen_at double precision NOT NULL
+            )""",
+        ],
+    ),
 ]
 #: The schema version this aobd reads and writes.
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -969,6 +981,27 @@ class PostgresMetaStore(_PooledStore):
             WorkflowEntry(workspace, name, tags[name]["latest"], tags[name], versions.get(name, []), updated[name])
             for name in sorted(tags)
         ]
+
+    async def announce_daemon(self, daemon_id: str, api_url: str, partitions: Sequence[int]) -> None:
+        """The cluster directory: this daemon, where its API answers, and the partitions it holds now."""
+        await self._fetch(
+            "INSERT INTO daemons VALUES (%s, %s, %s, %s) ON CONFLICT (daemon_id) DO UPDATE "
+            "SET api_url = EXCLUDED.api_url, partitions = EXCLUDED.partitions, seen_at = EXCLUDED.seen_at",
+            (daemon_id, api_url, list(partitions), time.time()),
+            doing="announcing this daemon in the cluster directory",
+        )
+
+    async def daemon_of_partition(self, partition: int, *, fresh_s: float) -> tuple[str, str] | None:
+        """``(daemon_id, api_url)`` of the daemon that announced ``partition`` most recently, if within
+        ``fresh_s`` seconds (a daemon that stopped announcing is not sent requests)."""
+        rows = await self._fetch(
+            "SELECT daemon_id, api_url FROM daemons WHERE %s = ANY(partitions) AND seen_at > %s "
+            "ORDER BY seen_at DESC LIMIT 1",
+            (partition, time.time() - fresh_s),
+            doing=f"finding the daemon of partition {partition}",
+            read_only=True,
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def claim_idempotency(self, workspace: str, key: str, run_id: str) -> str | None:
         doing = f"claiming idempotency key {key!r}"

@@ -82,3 +82,49 @@ def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, A
     assert sum(s["jobs_submitted"] for s in statuses) >= 40 * NODES
     assert sum(s["runner"]["jobs_executed"] for s in statuses) >= 40 * NODES
     assert sum(s["outcomes_delivered"] for s in statuses) == 40 * NODES, statuses
+
+
+def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(cluster: dict[str, Any]) -> None:
+    import psycopg
+
+    from aobd.bus.kafka import partition_of
+
+    prefix = f"f{uuid.uuid4().hex[:6]}"
+    daemons = [bus_daemon(cluster, name, prefix) for name in ("u", "v")]
+    for d in daemons:
+        d.start(extra_env=AWS_ENV)
+    slow = {
+        "name": "slow",
+        "nodes": [{"id": "wait", "type": "function", "config": {"handler": "builtin:sleep", "ms": 20000}}],
+    }
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            owned = [cluster_status(d)["owned_partitions"] for d in daemons]
+            if all(owned) and sorted(p for parts in owned for p in parts) == list(range(6)):
+                break
+            time.sleep(0.2)
+        reply = daemons[0].request("POST", "/v1/runs", {"definition": slow, "inputs": {}})
+        assert reply.status == 201, reply.body
+        run_id = reply.body["run_id"]
+        owner_index = next(i for i, parts in enumerate(owned) if partition_of(run_id, 6) in parts)
+        stranger = daemons[1 - owner_index]
+        # the directory is announced every 2 s: the stranger forwards as soon as it knows the owner's address
+        deadline = time.monotonic() + 15
+        while True:
+            answer = stranger.request("POST", f"/v1/runs/{run_id}/cancel", {"reason": "wrong door"})
+            if answer.status != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert answer.status == 200, answer.body
+        assert answer.body["status"] == "cancelled"
+    finally:
+        for d in daemons:
+            d.stop()
+    with psycopg.connect(cluster["dsn"]) as conn:
+        rows = conn.execute(
+            "SELECT convert_from(data, 'UTF8') FROM events WHERE run_id = %s ORDER BY seq", (run_id,)
+        ).fetchall()
+    events = [json.loads(r[0]) for r in rows]
+    assert events[-1]["type"] == "RunCancelled"
+    assert events[-1]["writer"] == ("u", "v")[owner_index]  # recorded by the owner, not by the daemon asked
