@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -69,6 +70,8 @@ class ClusterCoordinator:
         self.ready = asyncio.Event()
         #: Set by the daemon (aobd.cluster.directory.Directory): told when this daemon's partitions change.
         self.directory: Any = None
+        #: Set by the daemon: called with each run this daemon took over (to index what the run waits for).
+        self.on_resumed: Callable[[str], Awaitable[None]] | None = None
 
     def owned_partitions(self) -> set[int]:
         return set(self._owned)
@@ -132,6 +135,11 @@ class ClusterCoordinator:
             await self.engine.resume(run_id)
         except NotFound:
             return 0  # its first step is not in the log yet; the creator's nudge will bring us back
+        if self.on_resumed is not None:
+            try:
+                await self.on_resumed(run_id)
+            except Exception:
+                log.exception("indexing a run taken over failed", run_id=run_id)
         return 1
 
     async def _consume(self) -> None:

@@ -103,6 +103,7 @@ def make_coordinator(config: Config, service: Service) -> Any:
     coordinator.directory = Directory(
         service.meta, daemon_id, url, coordinator.owned_partitions, config.kafka.partitions
     )
+    coordinator.on_resumed = service.index_resumed
     service.cluster = coordinator
     return coordinator
 

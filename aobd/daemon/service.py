@@ -24,7 +24,7 @@ from aobd.agents.jobs import AgentJobQueue
 from aobd.api import schemas as s
 from aobd.config import Config, masked
 from aobd.engine.driver import Engine, new_run_id
-from aobd.engine.machine import RunMachine
+from aobd.engine.machine import RunMachine, run_of_ticket
 from aobd.errors import (
     AobdError,
     BadRequest,
@@ -130,21 +130,32 @@ class Service:
         else:
             resumed = await self.engine.resume_all()
         for run_id in resumed:
-            machine = await self.engine.load(run_id)
-            self._workspace_of[run_id] = machine.workspace
-            for node_id, node in machine.nodes.items():
-                if node.ticket and node.status == "waiting":
-                    spec = machine.ir.nodes[machine.ir.index[node_id]]
-                    self._approvals[node.ticket] = _Approval(
-                        node.ticket,
-                        run_id,
-                        node_id,
-                        machine.workspace,
-                        list(spec.config.get("assignees", [])),
-                        node.wake_at,
-                    )
+            await self.index_resumed(run_id)
         self.ready = True
         return resumed
+
+    async def index_resumed(self, run_id: str) -> None:
+        """Index what a run this daemon now drives waits for (its pending approvals): after a restart, or in a
+        cluster when a rebalance hands the run over (no new ApprovalRequested is recorded then)."""
+        machine = await self.engine.load(run_id)
+        self._workspace_of[run_id] = machine.workspace
+        for node_id, node in machine.nodes.items():
+            if node.ticket and node.status == "waiting":
+                self._index_approval(machine, node_id)
+
+    def _index_approval(self, machine: RunMachine, node_id: str) -> _Approval:
+        node = machine.nodes[node_id]
+        assert node.ticket is not None
+        spec = machine.ir.nodes[machine.ir.index[node_id]]
+        approval = self._approvals[node.ticket] = _Approval(
+            node.ticket,
+            machine.run_id,
+            node_id,
+            machine.workspace,
+            list(spec.config.get("assignees", [])),
+            node.wake_at,
+        )
+        return approval
 
     async def drain(self, grace_s: float) -> bool:
         self.draining = True
@@ -458,6 +469,10 @@ class Service:
 
     async def decide_approval(self, caller: Caller, ticket: str, body: s.ApprovalDecision) -> s.ApprovalInfo:
         approval = self._approvals.get(ticket)
+        if approval is None or self.cluster is not None:
+            # Not indexed here (a run another daemon of the cluster drives, or one this daemon took over), or in a
+            # cluster, where ownership may have moved since it was indexed: ask the run itself.
+            approval = await self._approval_of_run(caller, ticket) or approval
         if approval is None or approval.workspace != caller.workspace:
             raise NotFound(f"no approval ticket {ticket!r} in this workspace")
         if approval.status != "pending":
@@ -469,6 +484,22 @@ class Service:
                 raise
             raise Conflict(exc.message) from None
         return approval.info()
+
+    async def _approval_of_run(self, caller: Caller, ticket: str) -> _Approval | None:
+        """The pending approval ``ticket`` names, from its run (a Misdirected error when another daemon drives
+        it, which the API forwards there); None when the ticket does not name a run or the run does not wait."""
+        run_id = run_of_ticket(ticket)
+        if run_id is None:
+            return None
+        try:
+            machine = await self._machine(caller, run_id)
+        except NotFound:
+            return None
+        node_id = next((nid for nid, n in machine.nodes.items() if n.ticket == ticket), None)
+        if node_id is None or machine.nodes[node_id].status != "waiting":
+            return self._approvals.get(ticket)  # decided already: the index knows by whom, if it saw it
+        await self._check_owner(machine)
+        return self._approvals.get(ticket) or self._index_approval(machine, node_id)
 
     # ------------------------------------------------------------------ CAS and admin
 

@@ -90,6 +90,18 @@ class PatchRecord:
 UrlCheck = Callable[[str], list[str]]
 
 
+def approval_ticket(run_id: str, node_id: str) -> str:
+    """The ticket of an approval node: deterministic (recovery and replays name the same ticket) and naming its
+    run, so that any daemon of a cluster can tell which run, hence which daemon, a decision is for."""
+    return f"tkt_{run_id}.{hashlib.sha256(f'{run_id}:{node_id}'.encode()).hexdigest()[:12]}"
+
+
+def run_of_ticket(ticket: str) -> str | None:
+    """The run an approval ticket belongs to (None for tickets of the older format, which do not name it)."""
+    run_id, dot, _ = ticket.removeprefix("tkt_").partition(".")
+    return run_id if dot and ticket.startswith("tkt_") else None
+
+
 def no_url_check(url: str) -> list[str]:
     """The URL check when no patch URL needs the SSRF guard's verdict."""
     return []
@@ -491,7 +503,7 @@ class RunMachine:
         elif spec.type == "approval":
             timeout = spec.config.get("timeout")
             deadline = now + parse_duration_ms(timeout) / 1000.0 if timeout else None
-            ticket = "tkt_" + hashlib.sha256(f"{self.run_id}:{node_id}".encode()).hexdigest()[:16]
+            ticket = approval_ticket(self.run_id, node_id)
             self._emit(
                 step,
                 ev.ApprovalRequested(

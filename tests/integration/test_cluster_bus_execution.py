@@ -118,6 +118,34 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
             time.sleep(0.5)
         assert answer.status == 200, answer.body
         assert answer.body["status"] == "cancelled"
+
+        # An approval decision too: its ticket names the run, so any daemon knows whom to forward it to.
+        gated = {
+            "name": "gated",
+            "nodes": [
+                {"id": "gate", "type": "approval", "config": {"assignees": ["ops"]}},
+                {"id": "ship", "type": "function", "config": {"handler": "builtin:echo"}},
+            ],
+            "edges": [{"from": "gate", "to": "ship", "when": "nodes.gate.output.decision == 'approve'"}],
+        }
+        while True:  # a run the stranger does not drive
+            gated_id = daemons[0].request("POST", "/v1/runs", {"definition": gated}).body["run_id"]
+            if partition_of(gated_id, 6) in owned[owner_index]:
+                break
+        deadline = time.monotonic() + 15
+        while True:
+            events = stranger.request("GET", f"/v1/runs/{gated_id}/events").body
+            tickets = [e["ticket"] for e in events if e["type"] == "ApprovalRequested"]
+            if tickets or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        decided = stranger.request("POST", f"/v1/approvals/{tickets[0]}", {"decision": "approve", "reason": "ok"})
+        assert decided.status == 200, decided.body
+        assert decided.body["status"] == "approved"
+        deadline = time.monotonic() + 30
+        while stranger.request("GET", f"/v1/runs/{gated_id}").body["status"] != "completed":
+            assert time.monotonic() < deadline, "the approved run did not complete"
+            time.sleep(0.2)
     finally:
         for d in daemons:
             d.stop()

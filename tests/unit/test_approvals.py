@@ -163,3 +163,14 @@ async def _run_plain(doc: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.wait_for(engine.run(doc), 10)
     finally:
         await engine.close()
+
+
+def test_a_ticket_names_its_run_and_stays_the_same_across_recovery() -> None:
+    from aobd.engine.machine import approval_ticket, run_of_ticket
+
+    ticket = approval_ticket("r01a2b3c4d5e6f7a8b9c0", "review")
+    assert ticket == approval_ticket("r01a2b3c4d5e6f7a8b9c0", "review")  # replays and recovery name the same ticket
+    assert ticket != approval_ticket("r01a2b3c4d5e6f7a8b9c0", "sign-off")
+    assert run_of_ticket(ticket) == "r01a2b3c4d5e6f7a8b9c0"
+    assert run_of_ticket("tkt_0123456789abcdef") is None  # the older format does not name its run
+    assert run_of_ticket("nope.x") is None
