@@ -127,7 +127,7 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     daemon_id: str = ""
     #: Where node attempts of function and http nodes execute: "bus" publishes them on node.jobs.<priority>
     #: for any daemon's runners; "local" runs them in the daemon that owns the run.
-    execution: Literal["bus", "local"] = "bus"
+    execution: Literal["bus", "local"] = "local"
     #: The URL other daemons reach this one's API at, to forward commands for runs it drives; empty: from
     #: api.listen (with this host's name when it listens on every address).
     advertise_url: str = ""

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
-async def run_cluster(runs: int, concurrency: int, daemons: int, base: Path, execution: str = "bus") -> dict[str, Any]:
+async def run_cluster(
+    runs: int, concurrency: int, daemons: int, base: Path, execution: str = "local"
+) -> dict[str, Any]:
     import aiohttp
 
     from perf.w6 import _event_hops, percentile, w6_document

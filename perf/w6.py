@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--execution",
         choices=["bus", "local"],
-        default="bus",
+        default="local",
         help="cluster mode: node attempts over node.jobs.* to any daemon's runner, or in the run's owner",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")

@@ -47,9 +47,12 @@ def fast_cluster(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
         broker.close()
 
 
-def daemon(cluster: dict[str, Any], name: str, topic_prefix: str) -> Daemon:
-    base: Path = cluster["base"]
-    config = cluster_config(cluster, base / f"{name}.toml", daemon_id=name, kafka_prefix=topic_prefix)
+def daemon(cluster: dict[str, Any], name: str, topic_prefix: str, execution: str = "bus") -> Daemon:
+    base: Path = cluster["base"] / topic_prefix  # each test's daemons start from empty local state
+    base.mkdir(exist_ok=True)
+    config = cluster_config(
+        cluster, base / f"{name}.toml", daemon_id=name, kafka_prefix=topic_prefix, execution=execution
+    )
     return Daemon(base / name, free_port(), config=config)
 
 
@@ -119,14 +122,15 @@ def check_history(dsn: str, run_ids: list[str]) -> Counter[int]:
     return segments
 
 
-def test_three_daemons_lose_nothing_when_one_is_killed(fast_cluster: dict[str, Any]) -> None:
+@pytest.mark.parametrize("execution", ["bus", "local"])
+def test_three_daemons_lose_nothing_when_one_is_killed(fast_cluster: dict[str, Any], execution: str) -> None:
     cluster = fast_cluster
     from perf.w6 import w6_document
 
     agentic = json.loads((ROOT / "examples" / "agentic" / "workflow.json").read_text())
     inputs = json.loads((ROOT / "examples" / "agentic" / "inputs.json").read_text())
     prefix = f"t{uuid.uuid4().hex[:6]}"
-    daemons = [daemon(cluster, name, prefix) for name in ("a", "b", "c")]
+    daemons = [daemon(cluster, name, prefix, execution) for name in ("a", "b", "c")]
     for d in daemons:
         d.start(extra_env=ENV)
     try:
