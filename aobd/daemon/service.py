@@ -416,6 +416,10 @@ class Service:
                 owner=owner[0] if owner else None,
                 owner_url=owner[1] if owner else None,
             )
+        if self.cluster is not None and machine.status == "running" and not self.engine.drives(run_id):
+            # Ours, but not picked up yet: created on another daemon a moment ago, its nudge still on the way.
+            await self.engine.resume(run_id)
+            await self.index_resumed(run_id)
 
     async def propose_patch(self, caller: Caller, run_id: str, body: s.PatchPost) -> s.PatchInfo:
         await self._running(caller, run_id)

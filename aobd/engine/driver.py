@@ -204,6 +204,8 @@ class Engine:
         if run_id in self._runs:
             return
         machine = await self._rebuild(run_id)
+        if run_id in self._runs:
+            return  # another resume of the same run (a nudge and a command at once) won while this one read
         machine.writer = self.writer_id
         source_dir = machine.created.source_dir
         if source_dir and source_dir not in sys.path:
@@ -324,6 +326,10 @@ class Engine:
         while (tasks := [t for slot in self._runs.values() for t in slot.tasks]) and loop.time() < deadline:
             await asyncio.wait(tasks, timeout=deadline - loop.time())
         return self.inflight() == 0
+
+    def drives(self, run_id: str) -> bool:
+        """Whether this engine drives ``run_id`` now (it holds the run's state in memory)."""
+        return run_id in self._runs
 
     def active_runs(self) -> list[str]:
         return [rid for rid, slot in self._runs.items() if slot.machine.status == "running"]
