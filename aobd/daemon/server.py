@@ -29,6 +29,7 @@ from aobd.api.app import Api
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config, load_config
 from aobd.daemon.admin import AdminServer
+from aobd.daemon.http import start_granian, stop_granian, wait_listening
 from aobd.daemon.sdnotify import Notifier, watchdog_interval
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
@@ -227,42 +228,13 @@ class Daemon:
         return await self._shutdown()
 
     async def _open_listeners(self) -> None:
-        from granian.constants import HTTPModes, Interfaces
-        from granian.server.embed import Server
-
-        tls: dict[str, Any] = {}
-        if self.config.api.tls_cert:
-            tls = {"ssl_cert": Path(self.config.api.tls_cert), "ssl_key": Path(self.config.api.tls_key)}
         if self.serve_admin:  # [planes]
             await self.admin.start()
         if not self.serve_http:  # [planes]
             return
-        server = Server(
-            self.api,
-            address=self.host,
-            port=self.port,
-            interface=Interfaces.ASGI,
-            http=HTTPModes.auto,
-            websockets=True,
-            log_enabled=False,
-            **tls,
-        )
-        self._servers.append((server, asyncio.create_task(server.serve())))
-        await self._wait_listening()
-
-    async def _wait_listening(self) -> None:
-        """granian binds inside its serve task; READY must not be sent before the port accepts."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-        raise ConfigError(f"could not listen on {self.config.api.listen}")
+        server, task = start_granian(self.api, self.config, self.host, self.port)
+        self._servers.append((server, task))
+        await wait_listening(self.host, self.port, task)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -284,12 +256,7 @@ class Daemon:
             )
         self.hub.close()
         for server, task in self._servers:
-            server.stop()
-            # Let granian finish its own shutdown; cancelling its task breaks its lifespan glue.
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 10)
-            except TimeoutError:
-                task.cancel()
+            await stop_granian(server, task)
         if self.serve_admin:  # [planes] the admin socket is another process's when this one did not open it
             await self.admin.close()
         await self.api.close()

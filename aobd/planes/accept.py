@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import structlog
 
 from aobd.api.app import Api
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config
+from aobd.daemon.http import start_granian, stop_granian, wait_listening
 from aobd.daemon.server import is_loopback, split_listen
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
@@ -67,9 +67,9 @@ async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None
     link.start()
     await proxy.start()
     await subscriber.start()
-    server, task = _granian(api, config, host, port)
+    server, task = start_granian(api, config, host, port)
     try:
-        await _wait_listening(host, port, task)
+        await wait_listening(host, port, task)
         link.ready = True  # the supervisor tells systemd READY once every child said so
         await link.beat_now()
         log.info("accept worker ready", index=index, listen=config.api.listen)
@@ -77,60 +77,11 @@ async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None
     finally:
         proxy.draining = True  # /readyz answers 503 while the listener closes
         hub.close()  # ends the live streams, so granian's shutdown does not wait on them
-        server.stop()
-        try:
-            # Let granian finish its own shutdown; cancelling its task breaks its lifespan glue.
-            await asyncio.wait_for(asyncio.shield(task), 10)
-        except TimeoutError:
-            task.cancel()
+        await stop_granian(server, task)
         await subscriber.close()
         await proxy.close()
-        await api.limiter.close()
+        await api.close()
         await stores.close()
         await link.close()
         log.info("accept worker stopped", index=index)
     return 0
-
-
-async def _wait_listening(host: str, port: int, serving: asyncio.Task[Any]) -> None:
-    """Until the port accepts connections, or granian's task ended (a bind error).
-
-    With SO_REUSEPORT another worker may be the one that answers: this proves that the port is served and that
-    this worker's server is running, not that its own socket is bound yet (granian reports no such event).
-    """
-    deadline = asyncio.get_running_loop().time() + 10
-    while asyncio.get_running_loop().time() < deadline:
-        if serving.done():
-            serving.result()  # its exception, if it failed
-            break
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            await asyncio.sleep(0.02)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise ConfigError(f"could not listen on {host}:{port}")
-
-
-def _granian(api: Api, config: Config, host: str, port: int) -> tuple[Any, asyncio.Task[Any]]:
-    from granian.constants import HTTPModes, Interfaces
-    from granian.server.embed import Server
-
-    tls: dict[str, Any] = {}
-    if config.api.tls_cert:
-        tls = {"ssl_cert": Path(config.api.tls_cert), "ssl_key": Path(config.api.tls_key)}
-    # Built as the single-process daemon builds it (HTTP/1.1 and h2c by prior knowledge, or ALPN with TLS).
-    # granian's listener sets SO_REUSEPORT itself; that is what lets the workers share the port.
-    server = Server(
-        api,
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        http=HTTPModes.auto,
-        websockets=True,
-        log_enabled=False,
-        **tls,
-    )
-    return server, asyncio.create_task(server.serve())

@@ -44,6 +44,18 @@ def cluster_status(d: Daemon) -> dict[str, Any]:
     return d.request("GET", "/v1/admin/status").body["planes"]["cluster"]
 
 
+def wait_for_split(daemons: list[Daemon]) -> list[list[int]]:
+    """Each daemon's partitions, once the group has divided all six among them (or after 30 s, as they are)."""
+    deadline = time.monotonic() + 30
+    while True:
+        owned = [cluster_status(d)["owned_partitions"] for d in daemons]
+        if all(owned) and sorted(p for parts in owned for p in parts) == list(range(6)):
+            return owned
+        if time.monotonic() > deadline:
+            return owned
+        time.sleep(0.2)
+
+
 def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, Any]) -> None:
     import psycopg
 
@@ -52,12 +64,7 @@ def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, A
     for d in daemons:
         d.start(extra_env=AWS_ENV)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            owned = [cluster_status(d)["owned_partitions"] for d in daemons]
-            if all(owned) and sorted(p for parts in owned for p in parts) == list(range(6)):
-                break
-            time.sleep(0.2)
+        wait_for_split(daemons)
         pids = {d.proc.pid: name for d, name in zip(daemons, ("p", "q")) if d.proc is not None}
         run_ids = start_runs(daemons, [(WHERE, {})] * 40)
         wait_all_completed(cluster["dsn"], run_ids, timeout=60)
@@ -98,12 +105,7 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
         "nodes": [{"id": "wait", "type": "function", "config": {"handler": "builtin:sleep", "ms": 20000}}],
     }
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            owned = [cluster_status(d)["owned_partitions"] for d in daemons]
-            if all(owned) and sorted(p for parts in owned for p in parts) == list(range(6)):
-                break
-            time.sleep(0.2)
+        owned = wait_for_split(daemons)
         reply = daemons[0].request("POST", "/v1/runs", {"definition": slow, "inputs": {}})
         assert reply.status == 201, reply.body
         run_id = reply.body["run_id"]
