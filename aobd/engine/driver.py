@@ -15,10 +15,11 @@ committed event (the fanout plane and metrics plug in there).
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
 import random
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,10 @@ from aobd.errors import AobdError, ConflictError, NodeError, NotFound, WorkflowI
 from aobd.model import events as ev
 from aobd.model.ir import IRCache
 from aobd.model.patch import PatchProposal, http_urls
+from aobd.model.workflow import Node
 from aobd.nodes.base import NodeContext
-from aobd.nodes.registry import Executor, default_executors
+from aobd.nodes.function import InlineCall, execute_function, inline_call
+from aobd.nodes.registry import Executor, default_executors, execute_join
 from aobd.runner.worker import failure_of
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
@@ -42,8 +45,17 @@ from .machine import RunMachine, no_url_check
 
 _log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
+_InlineJob = tuple[Dispatch, InlineCall]
+_DURABLE_REFS_MAX = 100_000
+#: Results an inline handler returns that cannot be awaitables or agent answers (checked first: it is cheaper).
+_PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
 WorkflowResolver = Callable[[str, str], Awaitable[dict[str, Any]]]
 """(name, workspace) -> the workflow document a composite node names."""
+
+
+def _join_inline(inputs: dict[str, Any], ctx: NodeContext) -> Any:
+    """:func:`execute_join` without the coroutine: a join's output is what it received."""
+    return inputs
 
 
 @dataclass(slots=True)
@@ -94,6 +106,8 @@ class Engine:
         self._http_client: Any = None
         self._url_guard: Any = None
         self._runs: dict[str, _RunSlot] = {}
+        #: Refs this engine has made durable in the CAS (bounded; blobs are never deleted, so it cannot go stale).
+        self._durable_refs: set[str] = set()
         self._inflight = asyncio.Semaphore(max_inflight)
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
@@ -363,7 +377,15 @@ class Engine:
 
     async def _persist(self, slot: _RunSlot, step: Step, *, first: bool = False) -> None:
         if step.blobs:
-            await self.cas.put_many(list(step.blobs.values()))
+            # Most steps carry blobs stored before (the same inputs and outputs recur across runs): skipping them
+            # here saves re-hashing them in the CAS, or a request to it.
+            durable = self._durable_refs
+            new = [data for ref, data in step.blobs.items() if ref not in durable]
+            if new:
+                await self.cas.put_many(new)
+                if len(durable) >= _DURABLE_REFS_MAX:
+                    durable.clear()
+                durable.update(step.blobs)
         if not step.events:
             return
         machine = slot.machine
@@ -380,6 +402,10 @@ class Engine:
 
     async def _commit(self, slot: _RunSlot, step: Step) -> None:
         """Persist a step of a live run and perform its effects; on failure, resync the machine with the log."""
+        await self._persist_live(slot, step)
+        self._perform(slot, step)
+
+    async def _persist_live(self, slot: _RunSlot, step: Step) -> None:
         try:
             await self._persist(slot, step)
         except ConflictError:
@@ -389,19 +415,100 @@ class Engine:
         except BaseException:
             slot.machine = await self._rebuild(slot.machine.run_id)
             raise
-        self._perform(slot, step)
 
     # ------------------------------------------------------------------ effects
 
-    def _perform(self, slot: _RunSlot, step: Step) -> None:
+    def _perform(self, slot: _RunSlot, step: Step, *, collect: bool = False) -> list[_InlineJob]:
+        """Perform the effects of a durable step. Attempts that may run inline are started together in one
+        inline loop; with ``collect`` (the loop itself asking) they are returned for its next step instead."""
+        inline: list[_InlineJob] = []
         for effect in step.effects:
             if isinstance(effect, Dispatch):
-                if not self.draining:
+                if self.draining:
+                    continue
+                call = self._inline_call(effect.node)
+                if call is None:
                     self._spawn(slot, self._execute(slot, effect))
+                else:
+                    inline.append((effect, call))
             elif isinstance(effect, Wake):
                 self._arm(slot, effect)
             elif isinstance(effect, Finished):
                 self._finish(slot)
+        if inline and not collect:
+            self._spawn(slot, self._run_inline(slot, inline))
+            return []
+        return inline
+
+    def _inline_call(self, node: Node) -> InlineCall | None:
+        """How to call ``node`` inline, if its executor is the in-process default and its handler cannot await.
+        Another executor (the runner plane's, a cluster's job topics) always gets the attempt."""
+        if node.type == "function":
+            if self.executors.get("function") is not execute_function:
+                return None
+            return inline_call(node, self.handler_modules)
+        if node.type == "join" and self.executors.get("join") is execute_join:
+            return _join_inline
+        return None
+
+    async def _run_inline(self, slot: _RunSlot, jobs: list[_InlineJob]) -> None:
+        """Run attempts whose handlers cannot await, one ready set per step.
+
+        The ready set's handlers are called back to back, their completions folded into one step, and the step
+        committed once; the attempts that step makes ready and that may run inline form the next set. So a
+        chain of trivial nodes costs one task and one commit per ready set, where the general path
+        (:meth:`_execute`) costs a task, a timeout, the run's lock and a commit per attempt. The durability rule
+        is unchanged: a node runs only after the step that started it is durable. A handler that returns an
+        awaitable after all finishes on the general path.
+        """
+        while jobs and self._live(slot) and not self.draining:
+            async with slot.lock:
+                machine = slot.machine
+                step = Step()
+                for job, call in jobs:
+                    ctx = self._context(machine, job)
+                    started = time.perf_counter()
+                    try:
+                        result = call(job.inputs, ctx)
+                    except Exception as exc:
+                        error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+                        duration_ms = (time.perf_counter() - started) * 1000.0
+                        part = machine.node_failed(
+                            job.node_id,
+                            job.attempt,
+                            error,
+                            retryable,
+                            self.clock(),
+                            rand=self.rand(),
+                            duration_ms=duration_ms,
+                        )
+                    else:
+                        if type(result) not in _PLAIN_RESULTS and (
+                            isinstance(result, AgentAnswer) or inspect.isawaitable(result)
+                        ):
+                            self._spawn(slot, self._settle(slot, job, result, started))
+                            continue
+                        duration_ms = (time.perf_counter() - started) * 1000.0
+                        part = machine.node_completed(
+                            job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
+                        )
+                    step.events += part.events
+                    step.blobs.update(part.blobs)
+                    step.effects += part.effects
+                await self._persist_live(slot, step)
+                jobs = self._perform(slot, step, collect=True)
+
+    async def _settle(self, slot: _RunSlot, job: Dispatch, result: Any, started: float) -> None:
+        """Finish an inline attempt whose handler returned an awaitable, as the general path would have."""
+        try:
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(job.timeout_s):
+                    result = await result
+        except Exception as exc:
+            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+            await self._report_failure(slot, job, error, retryable, started)
+            return
+        await self._record_result(slot, job, result, started)
 
     def release(self, run_id: str) -> bool:
         """Stop driving a run (its partition moved to another daemon): in-flight attempts are cancelled and
@@ -498,8 +605,6 @@ class Engine:
             machine.run_id, node_id, 1, f"{machine.run_id}:{node_id}:escalation:{index}", 10.0, machine.workspace
         )
         run_http = await self._http_executor()
-        from aobd.model.workflow import Node
-
         request = Node(id=node_id, type="http", config={"method": "POST", "url": url, "body": payload})
         try:
             async with asyncio.timeout(10.0):
@@ -510,9 +615,8 @@ class Engine:
             return "failed: the webhook did not answer within 10s"
         return f"sent: HTTP {response['status']}"
 
-    async def _execute(self, slot: _RunSlot, job: Dispatch) -> None:
-        machine = slot.machine
-        ctx = NodeContext(
+    def _context(self, machine: RunMachine, job: Dispatch) -> NodeContext:
+        return NodeContext(
             run_id=machine.run_id,
             node_id=job.node_id,
             attempt=job.attempt,
@@ -522,6 +626,9 @@ class Engine:
             priority=machine.created.priority,
             services=self._services(machine, job.node.type),
         )
+
+    async def _execute(self, slot: _RunSlot, job: Dispatch) -> None:
+        ctx = self._context(slot.machine, job)
         started = time.perf_counter()
         async with self._inflight:
             try:
@@ -531,6 +638,9 @@ class Engine:
                 error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
                 await self._report_failure(slot, job, error, retryable, started)
                 return
+        await self._record_result(slot, job, result, started)
+
+    async def _record_result(self, slot: _RunSlot, job: Dispatch, result: Any, started: float) -> None:
         duration_ms = (time.perf_counter() - started) * 1000.0
         patch = usage = exchange_ref = None
         if isinstance(result, AgentAnswer):
@@ -683,7 +793,7 @@ def descendants(machine: RunMachine, node_id: str) -> set[str]:
 
 def new_run_id() -> str:
     """Time-ordered, unique run ids (``r`` + 12 hex of ms timestamp + 8 random hex): they sort by creation."""
-    return f"r{int(time.time() * 1000):012x}{uuid.uuid4().hex[:8]}"
+    return f"r{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
 
 
 def file_workflow_resolver(directory: Path) -> WorkflowResolver:

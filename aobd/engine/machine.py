@@ -1085,10 +1085,14 @@ class RunMachine:
     def public_status(self) -> str:
         if self.status != "running":
             return self.status
-        active = [n.status for n in self.nodes.values() if n.status in ("running", "retrying", "waiting")]
-        if active and all(s == "waiting" for s in active):
-            return "waiting"
-        if any(p.status == "pending" for p in self.patches.values()) and not any(s != "waiting" for s in active):
+        # Called for every step of every run, hence the single pass that stops at the first working node.
+        waiting = False
+        for node in self.nodes.values():
+            status = node.status
+            if status == "running" or status == "retrying":
+                return "running"
+            waiting = waiting or status == "waiting"
+        if waiting or any(p.status == "pending" for p in self.patches.values()):
             return "waiting"
         return "running"
 

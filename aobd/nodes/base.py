@@ -9,13 +9,17 @@ exactly-once even though execution is at-least-once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-@dataclass(frozen=True, slots=True)
-class NodeContext:
-    """Per-attempt facts handed to handlers (``handler(inputs, ctx)``) and executors."""
+
+class NodeContext(msgspec.Struct, frozen=True):
+    """Per-attempt facts handed to handlers (``handler(inputs, ctx)``) and executors.
+
+    A frozen msgspec Struct rather than a frozen dataclass: one is made per attempt, and a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) cost ten times as much. Copy with ``msgspec.structs.replace``.
+    """
 
     run_id: str
     node_id: str
@@ -28,4 +32,4 @@ class NodeContext:
     #: The run's priority: which ``node.jobs.*`` topic a cluster sends the attempt to.
     priority: str = "medium"
     #: Extra values for executors that need engine services (e.g. the child-run launcher for composites).
-    services: dict[str, Any] = field(default_factory=dict)
+    services: dict[str, Any] = msgspec.field(default_factory=dict)

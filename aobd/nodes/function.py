@@ -21,11 +21,17 @@ from aobd.model.workflow import Node
 
 from .base import NodeContext
 
+InlineCall = Callable[[dict[str, Any], NodeContext], Any]
+
+
+def _ignore_ctx(func: Callable[[dict[str, Any]], Any]) -> InlineCall:
+    return lambda inputs, ctx: func(inputs)
+
 
 class HandlerRef:
     """A resolved handler with its calling convention worked out once."""
 
-    __slots__ = ("func", "is_async", "ref", "takes_ctx")
+    __slots__ = ("func", "inline", "is_async", "ref", "takes_ctx")
 
     def __init__(self, ref: str, func: Callable[..., Any]) -> None:
         self.ref = ref
@@ -40,6 +46,8 @@ class HandlerRef:
             self.takes_ctx = len(params) >= 2
         except (TypeError, ValueError):
             self.takes_ctx = False
+        #: The handler as ``call(inputs, ctx)`` whatever its own signature (used by the inline path).
+        self.inline: InlineCall = func if self.takes_ctx else _ignore_ctx(func)
 
 
 @lru_cache(maxsize=4096)
@@ -104,6 +112,39 @@ async def _builtin(name: str, config: Mapping[str, Any], inputs: dict[str, Any],
             )
         return inputs
     raise NodeError(f"unknown builtin {name!r}", code="bad_handler", retryable=False)
+
+
+_INLINE_BUILTINS: dict[str, InlineCall] = {
+    "builtin:noop": lambda inputs, ctx: None,
+    "builtin:echo": lambda inputs, ctx: inputs,
+}
+
+
+def inline_call(node: Node, allowed: Iterable[str] | None) -> InlineCall | None:
+    """The handler of a function node as a plain ``call(inputs, ctx)``, when it may run inline; else None.
+
+    Inline means called by the driver inside the step that made the node ready, with no task, timeout or lock of
+    its own (see ``Engine._run_inline``). Only a handler that cannot await qualifies: a sync handler not marked
+    ``blocking``, or the trivial builtins. A timeout could not interrupt it anyway: a sync handler holds the event
+    loop until it returns, on either path. Everything else (async handlers, ``blocking``, ``builtin:sleep`` and
+    ``builtin:fail``, a handler that cannot be imported or is not allowed) returns None and goes through
+    :func:`execute_function`, which runs it or reports the error.
+    """
+    config = node.config
+    ref = config.get("handler")
+    if not isinstance(ref, str) or config.get("blocking"):
+        return None
+    if ref.startswith("builtin:"):
+        return _INLINE_BUILTINS.get(ref)
+    if allowed is not None and not module_allowed(ref.partition(":")[0], allowed):
+        return None
+    try:
+        handler = resolve_handler(ref)
+    except NodeError:
+        return None
+    if handler.is_async:
+        return None
+    return handler.inline
 
 
 async def execute_function(node: Node, inputs: dict[str, Any], ctx: NodeContext) -> Any:

@@ -9,7 +9,6 @@ make safe).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -38,7 +37,9 @@ async def execute_map(node: Node, inputs: dict[str, Any], ctx: NodeContext) -> l
 
     async def one(index: int, item: Any) -> Any:
         async with limit:
-            item_ctx = replace(ctx, node_id=f"{ctx.node_id}[{index}]", idempotency_key=f"{ctx.idempotency_key}:{index}")
+            item_ctx = msgspec.structs.replace(
+                ctx, node_id=f"{ctx.node_id}[{index}]", idempotency_key=f"{ctx.idempotency_key}:{index}"
+            )
             result = await run_one(child, {**shared, "item": item, "index": index}, item_ctx)
             return getattr(result, "output", result)
 
