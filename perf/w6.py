@@ -165,27 +165,44 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     }
 
 
+async def start_bench_daemon(data_dir: Path, fidelity: str, processes: str, inline: bool = False) -> Any:
+    """A fresh daemon for the HTTP benchmarks, in the process layout ``processes`` names:
+
+    - ``single``: ``aobd serve --single-process``;
+    - ``multi``: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off);
+    - ``multi-accept``: the default layout, accept workers on the port calling the orchestrator over zmq.
+
+    With ``inline``, the orchestrators run the (sync) W6 handlers themselves (``planes.inline_sync_handlers``).
+    The benchmark measures the engine, not the limiter; its handlers are its own module.
+    """
+    from tests.integration.daemon import Daemon, free_port
+
+    config = data_dir.parent / "bench.toml"
+    planes = {"multi": "[planes]\naccept_workers = 0\n", "multi-accept": "[planes]\naccept_workers = 2\n"}.get(
+        processes, ""
+    )
+    if inline:
+        planes += "inline_sync_handlers = true\n" if planes else "[planes]\ninline_sync_handlers = true\n"
+    config.write_text(f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}')
+    daemon = Daemon(data_dir, free_port(), config=config, single_process=processes == "single")
+    await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
+    return daemon
+
+
 async def run_http(
-    runs: int, concurrency: int, url: str | None, data_dir: Path, fidelity: str, processes: str = "single"
+    runs: int,
+    concurrency: int,
+    url: str | None,
+    data_dir: Path,
+    fidelity: str,
+    processes: str = "single",
+    inline: bool = False,
 ) -> dict[str, Any]:
     import aiohttp
 
-    from tests.integration.daemon import Daemon, free_port
-
     daemon = None
     if url is None:
-        config = data_dir.parent / "bench.toml"
-        # The benchmark measures the engine, not the limiter; its handlers are its own module.
-        # multi: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off);
-        # multi-accept: the default layout, accept workers on the port calling the orchestrator over zmq.
-        planes = {"multi": "[planes]\naccept_workers = 0\n", "multi-accept": "[planes]\naccept_workers = 2\n"}.get(
-            processes, ""
-        )
-        config.write_text(
-            f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}'
-        )
-        daemon = Daemon(data_dir, free_port(), config=config, single_process=processes == "single")
-        await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
+        daemon = await start_bench_daemon(data_dir, fidelity, processes, inline)
         url = daemon.url
     body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
     latencies: list[float] = []
@@ -225,6 +242,7 @@ async def run_http(
     return {
         "mode": "http",
         "processes": processes,
+        "inline_sync_handlers": inline,
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency,
@@ -242,7 +260,15 @@ async def run_http(
     }
 
 
-async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str, streams: int = 4) -> dict[str, Any]:
+async def run_h2load(
+    runs: int,
+    concurrency: int,
+    data_dir: Path,
+    fidelity: str,
+    processes: str = "multi-accept",
+    inline: bool = False,
+    streams: int = 4,
+) -> dict[str, Any]:
     """W6 runs started and completed over HTTP/2 (h2c, prior knowledge) by h2load, against a fresh daemon.
 
     Each request is ``POST /v1/runs?wait=60``, answered when the run finished; ``concurrency`` connections carry
@@ -250,14 +276,11 @@ async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str,
     """
     import shutil
 
-    from tests.integration.daemon import Daemon, free_port
-
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
-    config = data_dir.parent / "bench-h2.toml"
-    config.write_text('[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n')
-    daemon = Daemon(data_dir, free_port(), config=config)
-    await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
+    daemon = await start_bench_daemon(data_dir, fidelity, processes, inline)
+    root = daemon.proc.pid
+    cpu_before = tree_cpu_seconds(root)
     body = data_dir.parent / "w6-body.json"
     body.write_text(json.dumps({"definition": w6_document(), "inputs": {"x": 1}}))
     log_file = data_dir.parent / "h2load.log"
@@ -281,6 +304,8 @@ async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str,
             stderr=asyncio.subprocess.STDOUT,
         )
         out = (await proc.communicate())[0].decode()
+        daemon_cpu = tree_cpu_seconds(root) - cpu_before
+        daemon_rss = tree_peak_rss_mb(root)
     finally:
         await asyncio.to_thread(daemon.stop)
     rows = [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()]
@@ -290,6 +315,8 @@ async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str,
     return {
         "mode": "http2",
         "client": "h2load",
+        "processes": processes,
+        "inline_sync_handlers": inline,
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency * streams,
@@ -301,7 +328,8 @@ async def run_h2load(runs: int, concurrency: int, data_dir: Path, fidelity: str,
         "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
         "hop_p50_ms": None,
         "hop_p99_ms": None,
-        "peak_rss_mb": None,
+        "peak_rss_mb": daemon_rss,
+        "cpu_ms_per_1000_nodes": round(daemon_cpu * 1000.0 / (6 * max(1, len(ok))) * 1000.0, 1),
     }
 
 
@@ -338,8 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         "--processes",
         choices=["single", "multi", "multi-accept"],
         default="single",
-        help="http mode: start the daemon with --single-process; as the supervisor with one orchestrator serving "
+        help="http and http2 modes: start the daemon with --single-process; as the supervisor with one orchestrator "
+        "serving "
         "HTTP and the runner plane (multi); or in the default layout with accept workers (multi-accept)",
+    )
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="multi and multi-accept: the orchestrators run the sync W6 handlers inline ([planes] "
+        "inline_sync_handlers = true) instead of sending them to the runner plane",
     )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument(
@@ -360,10 +395,22 @@ def main(argv: list[str] | None = None) -> int:
 
                 result = runner.run(run_cluster(args.runs, args.concurrency, args.daemons, data_dir, args.execution))
             elif args.mode == "http2":
-                result = runner.run(run_h2load(args.runs, args.concurrency, data_dir / "data", args.fidelity))
+                result = runner.run(
+                    run_h2load(
+                        args.runs, args.concurrency, data_dir / "data", args.fidelity, args.processes, args.inline
+                    )
+                )
             elif args.mode == "http":
                 result = runner.run(
-                    run_http(args.runs, args.concurrency, args.url, data_dir / "data", args.fidelity, args.processes)
+                    run_http(
+                        args.runs,
+                        args.concurrency,
+                        args.url,
+                        data_dir / "data",
+                        args.fidelity,
+                        args.processes,
+                        args.inline,
+                    )
                 )
             else:
                 result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))

@@ -87,12 +87,23 @@ class Request:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
-        try:
-            # The engine stores canonical JSON (orjson): integers within 64 bits, nesting under 255 levels.
-            canonical_json(msgspec.to_builtins(value))
-        except (TypeError, RecursionError) as exc:
-            raise BadRequest(f"request body cannot be stored as canonical JSON: {exc}") from None
+        if _may_not_be_canonical(self.body):
+            try:
+                # The engine stores canonical JSON (orjson): integers within 64 bits, nesting under 255 levels.
+                canonical_json(msgspec.to_builtins(value))
+            except (TypeError, RecursionError) as exc:
+                raise BadRequest(f"request body cannot be stored as canonical JSON: {exc}") from None
         return value
+
+
+def _may_not_be_canonical(body: bytes) -> bool:
+    """Whether a JSON body might hold what canonical JSON refuses: an integer of 19 digits or more (64-bit
+    integers have at most 20), or 255 nested levels (which need as many brackets). A body with neither is
+    storable, which spares most requests re-encoding their whole body to find out."""
+    return body.count(b"[") + body.count(b"{") >= 255 or _LONG_DIGITS.search(body) is not None
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 @dataclass(slots=True)

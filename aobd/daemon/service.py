@@ -284,7 +284,10 @@ class Service:
                 if self.owns_run is not None and not self.owns_run(existing):
                     raise Unavailable("the run of this idempotency key belongs to another orchestrator; retry")
                 run_id, retried = existing, True
-        load_workflow(document, source="definition")
+        # Validated once per version: a version in the engine's IR cache was validated when it was compiled.
+        self.engine.ir_cache.get(
+            sha256_ref(canonical_json(document)), lambda: load_workflow(document, source="definition")
+        )
         self._check_handlers(document)
         overlays = await self._patch_set(caller, body.patch_set or [], document)
         drive = self.cluster is None or self.cluster.owns(run_id)

@@ -113,6 +113,9 @@ class Engine:
         self._closed = False
         #: In a cluster: this daemon's id, recorded on every event it appends (None on a single daemon).
         self.writer_id: str | None = None
+        #: Whether sync function handlers may run inline (see ``_run_inline``). None: when the function executor
+        #: is the in-process one. True: even though another executor is installed (``planes.inline_sync_handlers``).
+        self.inline_handlers: bool | None = None
         #: While draining, no new attempt is dispatched: nodes that became ready stay recorded as started and
         #: are re-dispatched by whoever resumes the run (the next start of this daemon).
         self.draining = False
@@ -441,12 +444,14 @@ class Engine:
         return inline
 
     def _inline_call(self, node: Node) -> InlineCall | None:
-        """How to call ``node`` inline, if its executor is the in-process default and its handler cannot await.
-        Another executor (the runner plane's, a cluster's job topics) always gets the attempt."""
+        """How to call ``node`` inline, if its handler cannot await and its executor is the in-process default.
+        Another executor (the runner plane's, a cluster's job topics) gets every attempt, unless
+        ``inline_handlers`` says otherwise."""
         if node.type == "function":
-            if self.executors.get("function") is not execute_function:
-                return None
-            return inline_call(node, self.handler_modules)
+            inline = self.inline_handlers
+            if inline is None:
+                inline = self.executors.get("function") is execute_function
+            return inline_call(node, self.handler_modules) if inline else None
         if node.type == "join" and self.executors.get("join") is execute_join:
             return _join_inline
         return None

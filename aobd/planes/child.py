@@ -71,6 +71,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     # Only these two types leave the process (wire.REMOTE_TYPES): agents, maps and composites need the live run.
     service.engine.executors["function"] = executor
     service.engine.executors["http"] = executor
+    service.engine.inline_handlers = config.planes.inline_sync_handlers
     link = ChildLink(
         config, "orchestrator", index, want_health=True, on_gone=lambda g: transport.runner_gone(g.index, g.pid)
     )

@@ -127,6 +127,22 @@ def test_external_patch_approval_gate_and_double_decision(daemon: Daemon) -> Non
         (
             "POST",
             "/v1/runs",
+            b'{"definition": {"name": "x", "nodes": []}, "inputs": {"n": 123456789012345678901}}',
+            400,
+            "bad_request",
+            "cannot be stored as canonical JSON",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            b'{"definition": {"name": "x", "nodes": []}, "inputs": ' + b"[" * 300 + b"]" * 300 + b"}",
+            400,
+            "bad_request",
+            "",
+        ),
+        (
+            "POST",
+            "/v1/runs",
             {"definition": {"name": "x", "nodes": [{"id": "a", "type": "nope"}]}},
             422,
             "workflow_invalid",

@@ -189,3 +189,31 @@ def test_draining_stops_the_inline_chain_and_a_resume_finishes_it() -> None:
     assert before["nodes"]["b"]["status"] == "running"  # recorded as started, never dispatched
     assert after["status"] == "completed"
     assert after["nodes"]["b"]["status"] == "completed"
+
+
+def test_an_orchestrator_told_to_inline_keeps_sync_handlers_and_sends_the_rest() -> None:
+    """``planes.inline_sync_handlers``: the orchestrator runs sync handlers itself, async ones still leave it."""
+    executed: list[str] = []
+
+    async def remote(node: Any, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        executed.append(ctx.node_id)
+        return {"remote": True}
+
+    async def scenario() -> dict[str, Any]:
+        global LOG
+        LOG = RecordingLog()
+        eng = Engine(LOG, MemoryCas(), executors={"function": remote})
+        eng.inline_handlers = True
+        doc = workflow(
+            [one(), fn("later", "tests.handlers:async_double", **{"in": {"x": "nodes.a.output.x"}})],
+            [edge("a", "later")],
+        )
+        try:
+            return await eng.run(doc, {})
+        finally:
+            await eng.close()
+
+    summary = run_async(scenario())
+    assert summary["status"] == "completed"
+    assert [node_id for node_id, _ in SEEN] == ["a"]  # ran here, inline
+    assert executed == ["later"]  # an async handler: the runner plane's
