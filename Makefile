@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-built
 SOURCES := $(shell find aobd -name '*.py' -o -name '*.pyx' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: run test lint typecheck test-python test-c build bench clean promtool
+.PHONY: run test lint typecheck test-python test-c build bench profile clean promtool
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: build
 	$(PY) -m perf.bench_routing
 	$(PY) -m perf.bench_store
 	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
+
+# Where in-process W6 spends its CPU (py-spy, --nonblocking: see docs/decisions.md), summarized by function.
+profile: build
+	$(VENV)/bin/py-spy record --nonblocking --gil -r 500 -f raw -o build/w6.spy -- \
+		$(PY) -m perf.w6 --mode inprocess --runs 6000 --concurrency 64 --fidelity full
+	$(PY) -m perf.spy_top build/w6.spy --top 40
 
 clean:
 	rm -rf build dist *.egg-info aobd/_fast/*.so aobd/_fast/*.c .pytest_cache .mypy_cache .ruff_cache

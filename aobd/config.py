@@ -156,7 +156,7 @@ class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runner_credit: int = 0
     #: Run sync function handlers not marked ``blocking`` in the orchestrator, inline in the step that made them
     #: ready, instead of sending them to the runner plane. Saves two zmq hops per attempt; the price is that a
-    #: slow sync handler stalls every run of its orchestrator's shard. See docs/tuning.md.
+    #: slow sync handler stalls every run of its orchestrator's shard. See tuning/planes.md.
     inline_sync_handlers: bool = False
     #: Where the planes' ipc sockets live; empty: <data_dir>/planes. A path too long for a unix socket
     #: (107 bytes) falls back to $XDG_RUNTIME_DIR or /tmp, under aobd-<hash of the directory>.

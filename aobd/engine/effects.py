@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from aobd.model.events import Event
 from aobd.model.workflow import Node
 
+# Effects are msgspec Structs: several are made per step, and a frozen dataclass's __init__ costs ten times as much.
 
-@dataclass(frozen=True, slots=True)
-class Dispatch:
+
+class Dispatch(msgspec.Struct, frozen=True):
     """Run one attempt of a node (after the step's events are durable)."""
 
     node_id: str
@@ -20,8 +23,7 @@ class Dispatch:
     timeout_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Wake:
+class Wake(msgspec.Struct, frozen=True):
     """Call the machine back at ``at`` (unix seconds): a retry backoff, a timer, an approval deadline."""
 
     at: float
@@ -30,8 +32,7 @@ class Wake:
     attempt: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
+class Finished(msgspec.Struct, frozen=True):
     status: str
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from perf import spy_top
 from tests.integration.daemon import ROOT
 
 pytestmark = pytest.mark.integration
@@ -51,10 +53,21 @@ def test_peers_table_runs_with_aobd_alone() -> None:
     assert [row["peer"] for row in result] == ["aobd"] and result[0]["completed"] == 20
 
 
-@pytest.mark.parametrize("processes", ["single", "multi-accept"])
-def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str) -> None:
+@pytest.mark.parametrize(("processes", "inline"), [("single", False), ("multi-accept", False), ("multi-accept", True)])
+def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str, inline: bool) -> None:
+    extra = ["--inline"] if inline else []
     result = harness(
-        "perf.w6", "--mode", "http", "--processes", processes, "--runs", "30", "--concurrency", "4", "--json"
+        "perf.w6", "--mode", "http", "--processes", processes, *extra, "--runs", "30", "--concurrency", "4", "--json"
     )
     assert result["completed"] == 30
+    assert result["inline_sync_handlers"] is inline
     assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_spy_top_folds_lines_into_functions(tmp_path: Path) -> None:
+    raw = tmp_path / "w6.spy"
+    raw.write_text("main (a.py:1);step (b.py:10) 3\nmain (a.py:1);step (b.py:12) 2\nmain (a.py:2) 5\n")
+    total, inclusive, own = spy_top.summarize(raw)
+    assert total == 10
+    assert inclusive["main (a.py)"] == 10 and inclusive["step (b.py)"] == 5
+    assert own == {"step (b.py)": 5, "main (a.py)": 5}
