@@ -477,23 +477,14 @@ class Engine:
                         result = call(job.inputs, ctx)
                     except Exception as exc:
                         error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
-                        duration_ms = (time.perf_counter() - started) * 1000.0
-                        part = machine.node_failed(
-                            job.node_id,
-                            job.attempt,
-                            error,
-                            retryable,
-                            self.clock(),
-                            rand=self.rand(),
-                            duration_ms=duration_ms,
-                        )
+                        part = self._failed(machine, job, error, retryable, _ms_since(started))
                     else:
                         if type(result) not in _PLAIN_RESULTS and (
                             isinstance(result, AgentAnswer) or inspect.isawaitable(result)
                         ):
                             self._spawn(slot, self._settle(slot, job, result, started))
                             continue
-                        duration_ms = (time.perf_counter() - started) * 1000.0
+                        duration_ms = _ms_since(started)
                         part = machine.node_completed(
                             job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
                         )
@@ -646,7 +637,7 @@ class Engine:
         await self._record_result(slot, job, result, started)
 
     async def _record_result(self, slot: _RunSlot, job: Dispatch, result: Any, started: float) -> None:
-        duration_ms = (time.perf_counter() - started) * 1000.0
+        duration_ms = _ms_since(started)
         patch = usage = exchange_ref = None
         if isinstance(result, AgentAnswer):
             if result.exchange is not None:
@@ -681,18 +672,17 @@ class Engine:
     async def _report_failure(
         self, slot: _RunSlot, job: Dispatch, error: dict[str, Any], retryable: bool, started: float
     ) -> None:
-        duration_ms = (time.perf_counter() - started) * 1000.0
+        duration_ms = _ms_since(started)  # the attempt's, without the wait for the run's lock
         async with slot.lock:
-            step = slot.machine.node_failed(
-                job.node_id,
-                job.attempt,
-                error,
-                retryable,
-                self.clock(),
-                rand=self.rand(),
-                duration_ms=duration_ms,
-            )
-            await self._commit(slot, step)
+            await self._commit(slot, self._failed(slot.machine, job, error, retryable, duration_ms))
+
+    def _failed(
+        self, machine: RunMachine, job: Dispatch, error: dict[str, Any], retryable: bool, duration_ms: float
+    ) -> Step:
+        """The machine's step for a failed attempt (a retry with backoff, or the node failing)."""
+        return machine.node_failed(
+            job.node_id, job.attempt, error, retryable, self.clock(), rand=self.rand(), duration_ms=duration_ms
+        )
 
     def _services(self, machine: RunMachine, node_type: str) -> dict[str, Any]:
         services = {
@@ -780,6 +770,10 @@ class Engine:
                 retryable=False,
             )
         return summary["outputs"]
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
 
 
 def descendants(machine: RunMachine, node_id: str) -> set[str]:
