@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from perf import w6_handlers
+from perf.peers._common import HOPS, hops_ms
 
 ROOT = Path(__file__).resolve().parents[1]
-HOPS = (("s1", "s2"), ("s2", "s3"), ("s3", "b1"), ("s3", "b2"))
 
 
 def w6_document() -> dict[str, Any]:
@@ -137,16 +137,7 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     await cas.close()
     await log.close()
 
-    hops: list[float] = []
-    by_run: dict[str, dict[str, tuple[float, float]]] = {}
-    for (run_id, node_id), stamp in w6_handlers.STAMPS.items():
-        by_run.setdefault(run_id, {})[node_id] = stamp
-    for stamps in by_run.values():
-        for a, b in HOPS:
-            if a in stamps and b in stamps:
-                hops.append((stamps[b][0] - stamps[a][1]) * 1000.0)
-        if {"b1", "b2", "j"} <= stamps.keys():
-            hops.append((stamps["j"][0] - max(stamps["b1"][1], stamps["b2"][1])) * 1000.0)
+    hops = hops_ms(w6_handlers.STAMPS)
     return {
         "mode": "inprocess",
         "store": store,

@@ -15,13 +15,15 @@ Every peer module measures W6 (DESIGN.md section 10) the same way:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 HOPS = (("s1", "s2"), ("s2", "s3"), ("s3", "b1"), ("s3", "b2"))
@@ -43,17 +45,68 @@ class Stamps:
         self.data.clear()
 
     def hops_ms(self) -> list[float]:
-        by_run: dict[str, dict[str, tuple[float, float]]] = {}
-        for (run, node), stamp in list(self.data.items()):
-            by_run.setdefault(run, {})[node] = stamp
-        hops: list[float] = []
-        for stamps in by_run.values():
-            for a, b in HOPS:
-                if a in stamps and b in stamps:
-                    hops.append((stamps[b][0] - stamps[a][1]) * 1000.0)
-            if {"b1", "b2", "j"} <= stamps.keys():
-                hops.append((stamps["j"][0] - max(stamps["b1"][1], stamps["b2"][1])) * 1000.0)
-        return hops
+        return hops_ms(dict(self.data))
+
+
+def hops_ms(stamps: Mapping[tuple[str, str], tuple[float, float]]) -> list[float]:
+    """Hop latencies in ms from (run, node) -> (entered, left) stamps: the end of one step body to the start of the
+    next, and for the join, from the later of its two branches."""
+    by_run: dict[str, dict[str, tuple[float, float]]] = {}
+    for (run, node), stamp in stamps.items():
+        by_run.setdefault(run, {})[node] = stamp
+    hops: list[float] = []
+    for nodes in by_run.values():
+        for a, b in HOPS:
+            if a in nodes and b in nodes:
+                hops.append((nodes[b][0] - nodes[a][1]) * 1000.0)
+        if {"b1", "b2", "j"} <= nodes.keys():
+            hops.append((nodes["j"][0] - max(nodes["b1"][1], nodes["b2"][1])) * 1000.0)
+    return hops
+
+
+@dataclass
+class Phases:
+    """What the two measured phases gave: ``c1_*`` one run after another, the rest at most ``concurrency`` in
+    flight; ``ok`` says which runs returned W6's 20."""
+
+    c1_ok: list[bool]
+    c1_seconds: float
+    c1_hops: list[float]
+    ok: list[bool] = field(default_factory=list)
+    seconds: float = 0.0
+    hops: list[float] = field(default_factory=list)
+
+
+def measure_c1(one: Callable[[], bool], runs: int, stamps: Stamps) -> Phases:
+    """The concurrency-1 phase (after the caller's warm-up); the stamps are cleared before and after."""
+    stamps.clear()
+    t0 = time.perf_counter()
+    ok = [one() for _ in range(runs)]
+    phases = Phases(c1_ok=ok, c1_seconds=time.perf_counter() - t0, c1_hops=stamps.hops_ms())
+    stamps.clear()
+    return phases
+
+
+async def measure_async(one: Callable[[], Awaitable[bool]], args: argparse.Namespace, stamps: Stamps) -> Phases:
+    """Both phases for a peer whose runs are coroutines: a warm-up, ``args.c1_runs`` in a row, then ``args.runs``
+    with at most ``args.concurrency`` in flight on this loop."""
+    assert await one(), "the warm-up run did not return 20"
+    stamps.clear()
+    t0 = time.perf_counter()
+    c1_ok = [await one() for _ in range(args.c1_runs)]
+    phases = Phases(c1_ok=c1_ok, c1_seconds=time.perf_counter() - t0, c1_hops=stamps.hops_ms())
+    stamps.clear()
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def gated() -> bool:
+        async with gate:
+            return await one()
+
+    t0 = time.perf_counter()
+    phases.ok = list(await asyncio.gather(*(gated() for _ in range(args.runs))))
+    phases.seconds = time.perf_counter() - t0
+    phases.hops = stamps.hops_ms()
+    return phases
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -139,20 +192,16 @@ def result(
     *,
     peer: str,
     version: str,
-    runs: int,
-    concurrency: int,
-    completed: int,
-    seconds: float,
-    c1_runs: int,
-    c1_completed: int,
-    c1_seconds: float,
+    args: argparse.Namespace,
+    phases: Phases,
     handler_us: float,
-    hops: list[float],
-    c1_hops: list[float],
     peak_rss_mb: float,
     config: dict[str, Any],
 ) -> dict[str, Any]:
     """The same keys as ``python -m perf.w6 --json`` (plus the concurrency-1 phase and the peer's settings)."""
+    runs, concurrency, c1_runs = args.runs, args.concurrency, args.c1_runs
+    completed, seconds, hops = sum(phases.ok), phases.seconds, phases.hops
+    c1_completed, c1_seconds, c1_hops = sum(phases.c1_ok), phases.c1_seconds, phases.c1_hops
     wall_per_node_us = c1_seconds / (NODES * c1_runs) * 1e6 if c1_runs else float("nan")
 
     def ms(value: float | None) -> float | None:

@@ -132,24 +132,11 @@ async def bench(args: Any, url: str) -> dict[str, Any]:
     DBOS(config={"name": "aobd-w6-peer", "system_database_url": url, "log_level": "WARNING"})
     DBOS.launch()
     try:
-        assert await w6(1) == 20  # warm-up
-        STAMPS.clear()
-        t0 = time.perf_counter()
-        c1_ok = [await w6(1) == 20 for _ in range(args.c1_runs)]
-        c1_seconds = time.perf_counter() - t0
-        c1_hops = STAMPS.hops_ms()
-        STAMPS.clear()
 
-        gate = asyncio.Semaphore(args.concurrency)
+        async def one() -> bool:
+            return await w6(1) == 20
 
-        async def gated() -> bool:
-            async with gate:
-                return await w6(1) == 20
-
-        t0 = time.perf_counter()
-        ok = await asyncio.gather(*(gated() for _ in range(args.runs)))
-        seconds = time.perf_counter() - t0
-        hops = STAMPS.hops_ms()
+        phases = await _common.measure_async(one, args, STAMPS)
     finally:
         DBOS.destroy()
     peak = sampler.stop()
@@ -170,16 +157,9 @@ async def bench(args: Any, url: str) -> dict[str, Any]:
     return _common.result(
         peer="dbos" if args.backend == "postgres" else "dbos-sqlite",
         version=f"dbos {version('dbos')}",
-        runs=args.runs,
-        concurrency=args.concurrency,
-        completed=sum(ok),
-        seconds=seconds,
-        c1_runs=args.c1_runs,
-        c1_completed=sum(c1_ok),
-        c1_seconds=c1_seconds,
+        args=args,
+        phases=phases,
         handler_us=_common.handler_cost_us(handler_bodies()),
-        hops=hops,
-        c1_hops=c1_hops,
         peak_rss_mb=peak,
         config=config,
     )

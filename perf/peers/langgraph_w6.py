@@ -133,39 +133,14 @@ async def bench(args: Any, db: Path) -> dict[str, Any]:
             out = await graph.ainvoke({"x": 1}, config, durability="sync" if saver is not None else None)
             return out.get("x") == 20
 
-        assert await one()  # warm-up
-        STAMPS.clear()
-        t0 = time.perf_counter()
-        c1_ok = [await one() for _ in range(args.c1_runs)]
-        c1_seconds = time.perf_counter() - t0
-        c1_hops = STAMPS.hops_ms()
-        STAMPS.clear()
-
-        gate = asyncio.Semaphore(args.concurrency)
-
-        async def gated() -> bool:
-            async with gate:
-                return await one()
-
-        t0 = time.perf_counter()
-        ok = await asyncio.gather(*(gated() for _ in range(args.runs)))
-        seconds = time.perf_counter() - t0
-        hops = STAMPS.hops_ms()
+        phases = await _common.measure_async(one, args, STAMPS)
     STAMPS.enabled = False
-    handler_us = _common.handler_cost_us(handler_bodies())
     return _common.result(
         peer="langgraph-no-checkpointer" if args.no_checkpointer else "langgraph",
         version=f"langgraph {version('langgraph')} + checkpoint-sqlite {version('langgraph-checkpoint-sqlite')}",
-        runs=args.runs,
-        concurrency=args.concurrency,
-        completed=sum(ok),
-        seconds=seconds,
-        c1_runs=args.c1_runs,
-        c1_completed=sum(c1_ok),
-        c1_seconds=c1_seconds,
-        handler_us=handler_us,
-        hops=hops,
-        c1_hops=c1_hops,
+        args=args,
+        phases=phases,
+        handler_us=_common.handler_cost_us(handler_bodies()),
         peak_rss_mb=sampler.stop(),
         config={
             "checkpointer": "none (not durable)"

@@ -150,34 +150,22 @@ def _safe(call: Any, *args: Any) -> bool:
 
 def _measure(args: Any, w6: Any, tasks: Any, sampler: _common.RssSampler, prefect_version: str) -> dict[str, Any]:
     assert w6(1) == 20  # warm-up (starts the ephemeral server)
-    STAMPS.clear()
-    t0 = time.perf_counter()
-    c1_ok = [_safe(w6, 1) for _ in range(args.c1_runs)]
-    c1_seconds = time.perf_counter() - t0
-    c1_hops = STAMPS.hops_ms()
-    STAMPS.clear()
-
+    phases = _common.measure_c1(lambda: _safe(w6, 1), args.c1_runs, STAMPS)
+    # Prefect's sync flows run in threads, one per run in flight (its own concurrency model).
     with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="w6-flow") as pool:
         t0 = time.perf_counter()
         futures = [pool.submit(contextvars.copy_context().run, w6, 1) for _ in range(args.runs)]
-        ok = [_safe(f.result) for f in futures]
-        seconds = time.perf_counter() - t0
-    hops = STAMPS.hops_ms()
+        phases.ok = [_safe(f.result) for f in futures]
+        phases.seconds = time.perf_counter() - t0
+    phases.hops = STAMPS.hops_ms()
     peak = sampler.stop()
     STAMPS.enabled = False
     return _common.result(
         peer="prefect-no-heartbeat" if args.no_heartbeat else "prefect",
         version=f"prefect {prefect_version}",
-        runs=args.runs,
-        concurrency=args.concurrency,
-        completed=sum(ok),
-        seconds=seconds,
-        c1_runs=args.c1_runs,
-        c1_completed=sum(c1_ok),
-        c1_seconds=c1_seconds,
+        args=args,
+        phases=phases,
         handler_us=_common.handler_cost_us(handler_bodies(tasks)),
-        hops=hops,
-        c1_hops=c1_hops,
         peak_rss_mb=peak,
         config={
             "api": "ephemeral server (subprocess), SQLite: journal_mode=WAL, synchronous=NORMAL (Prefect's pragmas)",
