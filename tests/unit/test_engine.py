@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -447,3 +448,38 @@ def test_conditions_see_outputs_too_large_to_ride_inline() -> None:
     done = next(e for e in events if isinstance(e, ev.NodeCompleted) and e.node_id == "big")
     assert not done.inline
     assert summary["nodes"]["yes"]["status"] == "completed" and summary["nodes"]["no"]["status"] == "skipped"
+
+
+def test_the_run_index_follows_the_status_though_only_changes_are_written(tmp_path: Path) -> None:
+    """The driver writes a run's status to the index only when it changes (cheaper appends in SQLite): listing
+    runs by status must still see every transition."""
+    from aobd.store.sqlite_log import SqliteEventLog
+
+    async def scenario() -> list[str]:
+        log = SqliteEventLog(tmp_path / "events.db")
+        eng = Engine(log, MemoryCas())
+        doc = workflow(
+            [fn("before"), {"id": "gate", "type": "approval", "config": {"assignees": ["ops"]}}, fn("after")],
+            [edge("before", "gate"), edge("gate", "after")],
+        )
+        seen = []
+        run_id = await eng.start_run(doc)
+        for _ in range(200):  # the source and the gate's request commit in steps of their own
+            info = await log.get_run(run_id)
+            if info is not None and info.status == "waiting":
+                break
+            await asyncio.sleep(0.005)
+        seen.append((await log.get_run(run_id)).status)  # type: ignore[union-attr]
+        seen.append(",".join(r.run_id for r in await log.list_runs(status="waiting")))
+        ticket = (await eng.load(run_id)).nodes["gate"].ticket
+        assert ticket
+        await eng.decide_approval(run_id, ticket, "approve", "dana")
+        await eng.wait(run_id)
+        seen.append((await log.get_run(run_id)).status)  # type: ignore[union-attr]
+        seen.append(",".join(r.run_id for r in await log.list_runs(status="waiting")))
+        await eng.close()
+        await log.close()
+        return [*seen, run_id]
+
+    *seen, run_id = run_async(scenario())
+    assert seen == ["waiting", run_id, "completed", ""]
