@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from aobd.errors import ConfigError
+from aobd.gctune import DEFAULT_THRESHOLDS
 
 
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -75,6 +76,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: "json" (one object per line, for journald and log shippers) or "console".
     log_format: Literal["json", "console"] = "json"
     log_level: str = "info"
+    #: The garbage collector's thresholds in aobd's processes (gc.set_threshold); [] keeps CPython's (700, 10, 10).
+    #: Why: aobd/gctune.py.
+    gc_thresholds: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]], msgspec.Meta(max_length=3)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_THRESHOLDS)
+    )
 
 
 class ApprovalsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

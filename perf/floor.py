@@ -1,6 +1,6 @@
 """The floor: the least durable work W6 needs, written as directly as possible, beside aobd in the same run.
 
-    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd]
+    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd] [--default-gc]
 
 What W6 cannot do without, and nothing more: each run records its creation, each node's completion (with its
 output) and the run's completion as msgspec-encoded events in one SQLite database (WAL, ``synchronous=FULL``),
@@ -153,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-aobd", action="store_true", help="measure the floor only")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's collector thresholds (both sides use the same)"
+    )
     args = parser.parse_args(argv)
+    if not args.default_gc:
+        from aobd.gctune import tune_gc
+
+        tune_gc()  # the settings of aobd's own processes, for the floor too: the same process runs both
     import uvloop
 
     from perf.w6 import run_inprocess

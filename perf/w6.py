@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aobd.gctune import tune_gc
 from perf import w6_handlers
 from perf.peers._common import HOPS, hops_ms
 
@@ -352,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
     parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
     parser.add_argument("--data-dir", help="keep the stores here (default: a temporary directory)")
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="inprocess mode: keep CPython's collector thresholds instead of the ones aobd's own processes set "
+        "(aobd/gctune.py)",
+    )
     parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
     parser.add_argument(
         "--processes",
@@ -404,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             else:
+                if not args.default_gc:
+                    tune_gc()  # as `aobd run` and the daemon do
                 result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
+                result["gc"] = "default" if args.default_gc else "aobd"
     if not args.json:
         for key, value in result.items():
             print(f"{key:>22}  {value}", file=sys.stderr)

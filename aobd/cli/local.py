@@ -15,6 +15,7 @@ import orjson
 from aobd.config import Config, load_config
 from aobd.engine.driver import Engine, file_workflow_resolver
 from aobd.errors import AobdError
+from aobd.gctune import tune_gc
 from aobd.model.validate import load_workflow
 from aobd.nodes.function import check_handler
 from aobd.store.local_cas import LocalCas
@@ -69,6 +70,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     sys.path.insert(0, source_dir)  # handlers next to the workflow file are importable as top-level modules
     load_workflow(document, handler_check=check_handler, source=str(path))
     inputs = _inputs(args.inputs)
+    tune_gc(config.daemon.gc_thresholds)
     async with open_engine(config, workflow_resolver=file_workflow_resolver(Path(source_dir))) as engine:
         engine.listeners.append(Timeline(sys.stderr if args.json else sys.stdout))
         run_id = await engine.start_run(document, inputs, source_dir=source_dir)

@@ -33,6 +33,7 @@ from aobd.daemon.http import start_granian, stop_granian, wait_listening
 from aobd.daemon.sdnotify import Notifier, watchdog_interval
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
+from aobd.gctune import tune_gc
 from aobd.log import configure_logging
 from aobd.metrics import Metrics, MetricsListener
 from aobd.model import events as ev
@@ -282,6 +283,7 @@ def serve(config_path: str | None, *, single_process: bool = False, overrides: d
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         daemon = runner.run(_make(config, config_path))
+        tune_gc(config.daemon.gc_thresholds)  # after start-up: what it built stays out of every collection
         return runner.run(daemon.run())
 
 

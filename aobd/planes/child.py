@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from aobd.config import Config, load_config
+from aobd.gctune import tune_gc
 from aobd.log import configure_logging
 
 log = structlog.get_logger("aobd.planes.child")
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
     structlog.contextvars.bind_contextvars(plane=f"{args.role}-{args.index}")
+    tune_gc(config.daemon.gc_thresholds)
     if args.role == "accept":
         from aobd.planes import accept
 

@@ -54,6 +54,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[engine]\nfidelity = 'turbo'\n", "engine.fidelity"),
         ("[apii]\nlisten = 'x'\n", "apii"),
         ("data_dir = \n", "not valid TOML"),
+        ("[daemon]\ngc_thresholds = [700, 10, 10, 10]\n", "daemon.gc_thresholds"),
+        ("[daemon]\ngc_thresholds = [0]\n", "daemon.gc_thresholds"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, says: str) -> None:
@@ -73,3 +75,22 @@ def test_masked_hides_tokens_and_workspace_policy_merges(tmp_path: Path) -> None
     assert "s3cret" not in str(masked(config))
     assert config.workspace_policy("acme") == {"patches": "approve"}
     assert config.workspace_policy("other") is None
+
+
+def test_gc_thresholds_apply_and_an_empty_list_leaves_them_alone(tmp_path: Path) -> None:
+    import gc
+
+    from aobd.gctune import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        path = tmp_path / "gc.toml"
+        path.write_text("[daemon]\ngc_thresholds = [5000, 15, 30]\n")
+        tune_gc(load_config(path, env={}).daemon.gc_thresholds)
+        assert gc.get_threshold() == (5000, 15, 30)
+        path.write_text("[daemon]\ngc_thresholds = []\n")
+        tune_gc(load_config(path, env={}).daemon.gc_thresholds)
+        assert gc.get_threshold() == (5000, 15, 30)  # untouched
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
