@@ -312,7 +312,8 @@ class Service:
             return (await self.engine.load(run_id)).summary()
         if wait_s > 0:
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(self.engine.wait(run_id), wait_s)
+                async with asyncio.timeout(wait_s):  # not wait_for: that wraps the wait in a task per request
+                    return await self.engine.wait(run_id)
         return (await self.engine.load(run_id)).summary()
 
     async def _wait_in_log(self, run_id: str, wait_s: float) -> None:

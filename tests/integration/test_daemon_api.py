@@ -63,6 +63,15 @@ def test_register_workflow_and_run_it_by_name(daemon: Daemon) -> None:
     assert events[-1]["type"] == "RunCompleted"
 
 
+def test_wait_answers_when_the_run_finishes_or_when_the_wait_runs_out(daemon: Daemon) -> None:
+    done = daemon.request("POST", "/v1/runs?wait=30", {"definition": sleeper("quick", 5, 2), "inputs": {}})
+    assert done.status == 201 and done.body["status"] == "completed"
+    # A 3 s node: "running" means the answer came when the 0.3 s wait ran out, not when the run finished.
+    cut = daemon.request("POST", "/v1/runs?wait=0.3", {"definition": sleeper("slow", 3000, 1), "inputs": {}})
+    assert cut.status == 201 and cut.body["status"] == "running"
+    daemon.request("POST", f"/v1/runs/{cut.body['run_id']}/cancel", {"reason": "test over"})
+
+
 def test_agentic_example_patches_over_the_api(daemon: Daemon) -> None:
     started = daemon.request("POST", "/v1/runs", {"definition": AGENTIC, "inputs": AGENTIC_INPUTS})
     final = daemon.wait_run(started.body["run_id"])
