@@ -157,22 +157,26 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     }
 
 
-async def start_bench_daemon(data_dir: Path, fidelity: str, processes: str, inline: bool = False) -> Any:
+async def start_bench_daemon(
+    data_dir: Path, fidelity: str, processes: str, inline: bool = False, orchestrators: int = 1
+) -> Any:
     """A fresh daemon for the HTTP benchmarks, in the process layout ``processes`` names:
 
     - ``single``: ``aobd serve --single-process``;
     - ``multi``: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off);
     - ``multi-accept``: the default layout, accept workers on the port calling the orchestrator over zmq.
 
-    With ``inline``, the orchestrators run the (sync) W6 handlers themselves (``planes.inline_sync_handlers``).
+    With ``inline``, the orchestrators run the (sync) W6 handlers themselves (``planes.inline_sync_handlers``);
+    ``orchestrators`` is ``planes.orchestrators`` of ``multi-accept`` (the other layouts have one).
     The benchmark measures the engine, not the limiter; its handlers are its own module.
     """
     from tests.integration.daemon import Daemon, free_port
 
     config = data_dir.parent / "bench.toml"
-    planes = {"multi": "[planes]\naccept_workers = 0\n", "multi-accept": "[planes]\naccept_workers = 2\n"}.get(
-        processes, ""
-    )
+    planes = {
+        "multi": "[planes]\naccept_workers = 0\n",
+        "multi-accept": f"[planes]\naccept_workers = 2\norchestrators = {orchestrators}\n",
+    }.get(processes, "")
     if inline:
         planes += "inline_sync_handlers = true\n" if planes else "[planes]\ninline_sync_handlers = true\n"
     config.write_text(f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}')
@@ -189,12 +193,13 @@ async def run_http(
     fidelity: str,
     processes: str = "single",
     inline: bool = False,
+    orchestrators: int = 1,
 ) -> dict[str, Any]:
     import aiohttp
 
     daemon = None
     if url is None:
-        daemon = await start_bench_daemon(data_dir, fidelity, processes, inline)
+        daemon = await start_bench_daemon(data_dir, fidelity, processes, inline, orchestrators)
         url = daemon.url
     body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
     latencies: list[float] = []
@@ -259,6 +264,7 @@ async def run_h2load(
     fidelity: str,
     processes: str = "multi-accept",
     inline: bool = False,
+    orchestrators: int = 1,
     streams: int = 4,
 ) -> dict[str, Any]:
     """W6 runs started and completed over HTTP/2 (h2c, prior knowledge) by h2load, against a fresh daemon.
@@ -270,7 +276,7 @@ async def run_h2load(
 
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
-    daemon = await start_bench_daemon(data_dir, fidelity, processes, inline)
+    daemon = await start_bench_daemon(data_dir, fidelity, processes, inline, orchestrators)
     root = daemon.proc.pid
     cpu_before = tree_cpu_seconds(root)
     body = data_dir.parent / "w6-body.json"
@@ -309,6 +315,7 @@ async def run_h2load(
         "client": "h2load",
         "processes": processes,
         "inline_sync_handlers": inline,
+        "orchestrators": orchestrators,
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency * streams,
@@ -374,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         help="multi and multi-accept: the orchestrators run the sync W6 handlers inline ([planes] "
         "inline_sync_handlers = true) instead of sending them to the runner plane",
     )
+    parser.add_argument(
+        "--orchestrators", type=int, default=1, help="multi-accept: orchestrator processes ([planes] orchestrators)"
+    )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument(
         "--execution",
@@ -395,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
             elif args.mode == "http2":
                 result = runner.run(
                     run_h2load(
-                        args.runs, args.concurrency, data_dir / "data", args.fidelity, args.processes, args.inline
+                        args.runs,
+                        args.concurrency,
+                        data_dir / "data",
+                        args.fidelity,
+                        args.processes,
+                        args.inline,
+                        args.orchestrators,
                     )
                 )
             elif args.mode == "http":
@@ -408,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.fidelity,
                         args.processes,
                         args.inline,
+                        args.orchestrators,
                     )
                 )
             else:

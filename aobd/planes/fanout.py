@@ -3,8 +3,10 @@
 Orchestrators publish through an :class:`EventPublisher` (an engine listener) to the plane's XSUB
 (:func:`aobd.planes.paths.fanout_in`); the plane forwards to its XPUB (:func:`aobd.planes.paths.fanout_out`), where
 each accept worker's :class:`FanoutSubscriber` feeds the local :class:`~aobd.api.fanout.FanoutHub` that SSE and
-WebSocket streams subscribe to. A message is ``[run_id, msgpack list of event JSON]``, the events of one run
-in seq order, exactly as stored in the log.
+WebSocket streams subscribe to. A message is one frame, the msgpack array ``[[run_id, [event JSON, ...]], ...]``:
+everything an orchestrator committed in one turn of its loop, each run's events in seq order, exactly as stored
+in the log. One message per turn rather than per run is what keeps the proxy and every accept worker cheap at
+hundreds of runs in flight: they pay per message, and most messages concern runs nobody watches.
 
 Delivery is best effort, which the streams already tolerate: they replay history from the event log before
 following live events, fill a gap in seqs from the log, and a client resumes with ``Last-Event-ID``. Publishing
@@ -22,12 +24,12 @@ from typing import Any
 import msgspec
 import structlog
 import zmq
-import zmq.asyncio
 
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config
 from aobd.model.events import Event, decode_event, encode_event
 from aobd.planes import paths
+from aobd.planes.zloop import LoopSocket
 
 __all__ = ["EventPublisher", "FanoutSubscriber", "main", "serve"]
 
@@ -37,7 +39,7 @@ log = structlog.get_logger("aobd.planes.fanout")
 HIGH_WATER_MARK = 100_000
 
 _encoder = msgspec.msgpack.Encoder()
-_batch = msgspec.msgpack.Decoder(list[bytes])
+_batch = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
 
 
 def bind(config: Config, context: zmq.Context[Any]) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
@@ -136,14 +138,15 @@ class EventPublisher:
 
     def flush(self) -> None:
         self._scheduled = False
+        if not self._pending:
+            return
         pending, self._pending = self._pending, {}
-        for run_id, encoded in pending.items():
-            try:
-                self._socket.send_multipart([run_id.encode(), _encoder.encode(encoded)], flags=zmq.NOBLOCK)
-            except zmq.Again:
-                self.dropped += 1  # streams refill the gap from the log
-            except zmq.ZMQError:
-                return  # closed: the orchestrator is stopping
+        try:
+            self._socket.send(_encoder.encode(list(pending.items())), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1  # streams refill the gap from the log
+        except zmq.ZMQError:
+            return  # closed: the orchestrator is stopping
 
     def close(self) -> None:
         self.flush()
@@ -158,8 +161,8 @@ class FanoutSubscriber:
     It subscribes to every run rather than to the runs being watched: a per-run zmq subscription reaches the
     publisher only some time later, and an event committed in between (the terminal one, say) would be lost
     to a stream that already read the log; the stream would then wait forever. Events of runs nobody here
-    watches are dropped before decoding (:meth:`FanoutHub.watching`), which keeps the cost to a receive and a
-    dict lookup per message.
+    watches are dropped before decoding (:meth:`FanoutHub.watching`), which keeps the cost to a dict lookup
+    per run in a message; messages are received by a :class:`~aobd.planes.zloop.LoopSocket` (no future each).
     """
 
     def __init__(
@@ -168,14 +171,13 @@ class FanoutSubscriber:
         hub: FanoutHub,
         *,
         endpoint: str | None = None,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context[Any] | None = None,
     ) -> None:
         self.hub = hub
         self.endpoint = endpoint or paths.fanout_out(config)
         self._own_context = context is None
-        self._context = context or zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._context: zmq.Context[Any] = context or zmq.Context()
+        self._socket: LoopSocket | None = None
 
     async def start(self) -> None:
         socket = self._context.socket(zmq.SUB)
@@ -183,26 +185,30 @@ class FanoutSubscriber:
         socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(self.endpoint)
-        self._socket = socket
-        self._task = asyncio.create_task(self._receive(socket), name="aobd-fanout-subscriber")
+        self._socket = LoopSocket(socket, self._receive)
 
-    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await socket.recv_multipart()
-            if len(frames) != 2 or not self.hub.watching(frames[0].decode()):
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            return
+        try:
+            batch = _batch.decode(frames[0])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("undecodable fanout message", size=len(frames[0]))
+            return
+        watching = self.hub.watching
+        for run_id, encoded in batch:
+            if not watching(run_id):
                 continue
             try:
-                events: Sequence[Event] = [decode_event(data) for data in _batch.decode(frames[1])]
+                events: Sequence[Event] = [decode_event(data) for data in encoded]
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                log.warning("undecodable fanout message", run_id=frames[0][:64])
+                log.warning("undecodable fanout events", run_id=run_id[:64])
                 continue
             self.hub.publish(events)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
         if self._socket is not None:
             self._socket.close()
+            self._socket = None
         if self._own_context:
             self._context.term()

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import structlog
 import zmq
-import zmq.asyncio
 
 from aobd.config import Config
 from aobd.runner import wire
@@ -37,6 +38,7 @@ from aobd.runner.wire import NodeJob, NodeOutcome
 from aobd.runner.worker import Runner
 
 from . import paths, shm_ir
+from .zloop import LoopSocket
 
 log = structlog.get_logger("aobd.planes.jobs")
 
@@ -168,9 +170,9 @@ class ZmqJobTransport:
         self.address = paths.orchestrator_jobs(config, index)
         self.deliver = deliver
         self.book = JobBook()
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._wake = asyncio.Event()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._sock: LoopSocket | None = None
+        self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -181,21 +183,27 @@ class ZmqJobTransport:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.address)
-        self._sock = sock
-        self._tasks = [asyncio.create_task(t) for t in (self._receive(), self._send(), self._reap())]
+        self._sock = LoopSocket(sock, self._receive)
+        self._tasks = [asyncio.create_task(self._reap())]
         log.info("jobs transport bound", address=self.address)
 
     async def submit(self, job: NodeJob) -> None:
         if self._sock is None:
             raise RuntimeError("the job transport is not started")
         self.book.submit(job)
-        self._wake.set()  # the sender flushes once per loop turn, however many jobs were submitted in it
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand out queued jobs at the end of this loop turn: however many were submitted in it, one batch each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
 
     def runner_gone(self, index: int, pid: int) -> None:
         """The supervisor saw runner ``index`` (process ``pid``) exit: re-send its jobs now, not after the timeout."""
         for identity, slot in list(self.book.runners.items()):
             if slot.index == index and slot.pid == pid and self.book.drop(identity):
-                self._wake.set()
+                self._wake()
 
     def status(self) -> dict[str, object]:
         return {
@@ -206,45 +214,43 @@ class ZmqJobTransport:
             "expired": self.book.expired,
         }
 
-    async def _send(self) -> None:
-        assert self._sock is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            for identity, jobs in self.book.assign(time.time()).items():
-                await self._sock.send_multipart([identity, JOBS, wire.encode(jobs)])
+    def _send(self) -> None:
+        self._flush_scheduled = False
+        if self._sock is None:
+            return
+        for identity, jobs in self.book.assign(time.time()).items():
+            self._sock.send([identity, JOBS, wire.encode(jobs)])
 
-    async def _receive(self) -> None:
-        assert self._sock is not None
-        while True:
-            identity, kind, payload = await self._sock.recv_multipart(copy=False)
-            ident = identity.bytes
-            try:
-                if kind.bytes == DONE:
-                    outcomes = wire.decode_outcomes(payload.buffer)
-                    self.book.complete(ident, outcomes)
-                    if self.deliver is not None:
-                        for outcome in outcomes:
-                            self.deliver(outcome)
-                elif kind.bytes in (HELLO, BEAT):
-                    beat = _beat_decoder.decode(payload.buffer)
-                    if ident not in self.book.runners:
-                        log.info("runner joined", runner=beat.index, pid=beat.pid, credit=beat.credit)
-                    for old in self.book.beat(ident, beat):
-                        log.warning("runner replaced; re-sending its jobs", runner=beat.index, old=old.decode())
-                else:
-                    continue
-            except msgspec.DecodeError as exc:
-                log.error("undecodable frame from a runner", kind=kind.bytes[:16], error=str(exc))
-                continue
-            self._wake.set()  # credit came back or a runner joined: queued jobs may go out now
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            return
+        ident, kind, payload = frames
+        try:
+            if kind == DONE:
+                outcomes = wire.decode_outcomes(payload)
+                self.book.complete(ident, outcomes)
+                if self.deliver is not None:
+                    for outcome in outcomes:
+                        self.deliver(outcome)
+            elif kind in (HELLO, BEAT):
+                beat = _beat_decoder.decode(payload)
+                if ident not in self.book.runners:
+                    log.info("runner joined", runner=beat.index, pid=beat.pid, credit=beat.credit)
+                for old in self.book.beat(ident, beat):
+                    log.warning("runner replaced; re-sending its jobs", runner=beat.index, old=old.decode())
+            else:
+                return
+        except msgspec.DecodeError as exc:
+            log.error("undecodable frame from a runner", kind=kind[:16], error=str(exc))
+            return
+        self._wake()  # credit came back or a runner joined: queued jobs may go out now
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S / 2)
             for identity in self.book.reap():
                 log.warning("runner silent; re-sending its jobs", runner=identity.decode(errors="replace"))
-                self._wake.set()
+                self._wake()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -269,11 +275,11 @@ class RunnerLoop:
             http_allow=list(config.security.http_allow),
             documents=shm_ir.SharedDocuments(shm_ir.namespace_of(config.data_dir)),
         )
-        self._ctx = zmq.asyncio.Context.instance()
-        self._socks: list[zmq.asyncio.Socket] = []
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._socks: list[LoopSocket] = []
         self._outbox: dict[int, list[NodeOutcome]] = {}
         self._busy: dict[int, int] = {}
-        self._wake = asyncio.Event()
+        self._flush_scheduled = False
         self._running: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -286,12 +292,11 @@ class RunnerLoop:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.connect(paths.orchestrator_jobs(self.config, i))
-            self._socks.append(sock)
             self._busy[i] = 0
             self._outbox[i] = []
-            await sock.send_multipart([HELLO, self._beat(i)])
-            self._tasks.append(asyncio.create_task(self._receive(i, sock)))
-        self._tasks.append(asyncio.create_task(self._send()))
+            loop_socket = LoopSocket(sock, functools.partial(self._receive, i))
+            self._socks.append(loop_socket)
+            loop_socket.send([HELLO, self._beat(i)])
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     def _beat(self, i: int) -> bytes:
@@ -300,21 +305,20 @@ class RunnerLoop:
     def busy(self) -> int:
         return sum(self._busy.values())
 
-    async def _receive(self, i: int, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            kind, payload = await sock.recv_multipart(copy=False)
-            if kind.bytes != JOBS:
-                continue
-            try:
-                jobs = wire.decode_jobs(payload.buffer)
-            except msgspec.DecodeError as exc:
-                log.error("undecodable job batch", orchestrator=i, error=str(exc))
-                continue
-            for job in jobs:
-                self._busy[i] += 1
-                task = asyncio.create_task(self._run(i, job))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+    def _receive(self, i: int, frames: list[bytes]) -> None:
+        if len(frames) != 2 or frames[0] != JOBS:
+            return
+        try:
+            jobs = wire.decode_jobs(frames[1])
+        except msgspec.DecodeError as exc:
+            log.error("undecodable job batch", orchestrator=i, error=str(exc))
+            return
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            self._busy[i] += 1
+            task = loop.create_task(self._run(i, job))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _run(self, i: int, job: NodeJob) -> None:
         try:
@@ -322,31 +326,28 @@ class RunnerLoop:
         finally:
             self._busy[i] -= 1
         self._outbox[i].append(outcome)
-        self._wake.set()
+        if not self._flush_scheduled:  # one batch per orchestrator per loop turn
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush()
-
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        self._flush_scheduled = False
         for i, sock in enumerate(self._socks):
             batch, self._outbox[i] = self._outbox[i], []
-            if batch:
-                await sock.send_multipart([DONE, wire.encode(batch)])
+            if batch and not sock.closed:
+                sock.send([DONE, wire.encode(batch)])
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             for i, sock in enumerate(self._socks):
-                await sock.send_multipart([BEAT, self._beat(i)])
+                sock.send([BEAT, self._beat(i)])
 
     async def drain(self, grace_s: float) -> None:
         """Finish the attempts in hand (their orchestrators are gone or draining too), flush their outcomes."""
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace_s)
-        await self._flush()
+        self._flush()
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._running]:
@@ -354,5 +355,5 @@ class RunnerLoop:
         await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
         for sock in self._socks:
             with contextlib.suppress(zmq.ZMQError):
-                sock.close()
+                sock.close(linger=2000)
         await self.runner.close()

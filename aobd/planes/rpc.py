@@ -37,7 +37,6 @@ from typing import Any
 import msgspec
 import structlog
 import zmq
-import zmq.asyncio
 
 from aobd import errors
 from aobd.agents.jobs import AgentJobQueue
@@ -55,6 +54,7 @@ from aobd.daemon.service import Caller, Service
 from aobd.engine.driver import new_run_id as mint_run_id
 from aobd.errors import AobdError, NotFound, Unavailable
 from aobd.planes import paths
+from aobd.planes.zloop import LoopSocket
 from aobd.store.protocols import EventLog
 
 __all__ = ["METHODS", "RemoteAgentJobs", "RemoteError", "RpcServer", "ServiceProxy"]
@@ -169,20 +169,19 @@ class RpcServer:
     Args:
         service: The orchestrator's :class:`~aobd.daemon.service.Service` (or anything with those methods).
         endpoint: Where to bind, normally ``paths.orchestrator_rpc(config, index)``.
-        context: The zmq.asyncio context to use; a new one by default.
+        context: The zmq context to use; a new one by default.
     """
 
-    def __init__(self, service: Any, endpoint: str, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, service: Any, endpoint: str, *, context: zmq.Context[Any] | None = None) -> None:
         self.endpoint = endpoint
         self._methods = {name: _Method(getattr(service, name)) for name in METHODS if hasattr(service, name)}
         queue = getattr(service, "agent_jobs", None)
         if isinstance(queue, AgentJobQueue):
             jobs = LocalAgentJobs(queue)
             self._methods.update({f"agent_jobs.{name}": _Method(getattr(jobs, name)) for name in AGENT_JOB_METHODS})
-        self._context = context or zmq.asyncio.Context()
+        self._context: zmq.Context[Any] = context or zmq.Context()
         self._own_context = context is None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._socket: LoopSocket | None = None
         self._calls: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -191,31 +190,28 @@ class RpcServer:
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(self.endpoint)
-        self._socket = socket
-        self._loop_task = asyncio.create_task(self._receive(socket), name="aobd-rpc-server")
+        self._socket = LoopSocket(socket, self._receive)
 
     async def close(self) -> None:
         """Stop answering; calls in flight are cancelled (their clients time out with Unavailable)."""
-        tasks = [t for t in (self._loop_task, *self._calls) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        tasks = list(self._calls)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._own_context:
             self._context.term()
 
-    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await socket.recv_multipart()
-            if len(frames) != 2:
-                continue  # not one of our DEALERs: nothing sensible to answer
-            task = asyncio.create_task(self._answer(socket, frames[0], frames[1]))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return  # not one of our DEALERs: nothing sensible to answer
+        task = asyncio.get_running_loop().create_task(self._answer(frames[0], frames[1]))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
-    async def _answer(self, socket: zmq.asyncio.Socket, peer: bytes, payload: bytes) -> None:
+    async def _answer(self, peer: bytes, payload: bytes) -> None:
         call_id = -1
         try:
             call_id, name, args, kwargs = _decoder.decode(payload)
@@ -229,8 +225,8 @@ class RpcServer:
             if not isinstance(exc, AobdError):
                 log.exception("rpc call failed", endpoint=self.endpoint)
             reply = _encoder.encode((call_id, False, _error_to_wire(exc)))
-        with contextlib.suppress(zmq.ZMQError):  # the socket closed under us: the client times out
-            await socket.send_multipart([peer, reply])
+        if self._socket is not None:  # closed under us: the client times out
+            self._socket.send([peer, reply])
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -239,25 +235,29 @@ class RpcServer:
 class _Channel:
     """A DEALER to one orchestrator: many calls in flight, matched to their replies by id."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context[Any], endpoint: str) -> None:
         self.endpoint = endpoint
-        self._socket = context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
         # Queue only to a live connection: a request must not sit in a buffer and run minutes later on an
-        # orchestrator that restarted, long after its caller was told 503.
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.connect(endpoint)
+        # orchestrator that restarted, long after its caller was told 503 (a request zmq did not take yet is
+        # withdrawn when its call times out).
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+        socket.connect(endpoint)
+        self._socket = LoopSocket(socket, self._read)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._reader = asyncio.create_task(self._read(), name=f"aobd-rpc-client:{endpoint}")
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout_s: float) -> Any:
+        if self._socket.closed:
+            raise Unavailable("the accept worker is shutting down")
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
+        request = [_encoder.encode((call_id, method, args, kwargs))]
         try:
+            self._socket.send(request)
             async with asyncio.timeout(timeout_s):
-                await self._socket.send(_encoder.encode((call_id, method, args, kwargs)))
                 return await future
         except TimeoutError:
             raise Unavailable(
@@ -265,27 +265,24 @@ class _Channel:
                 details=[{"endpoint": self.endpoint, "method": method}],
             ) from None
         finally:
-            self._pending.pop(call_id, None)
+            if self._pending.pop(call_id, None) is not None and not future.done():
+                self._socket.discard(request)  # still queued (no orchestrator connected): it must not go later
 
-    async def _read(self) -> None:
-        while True:
-            payload = await self._socket.recv()
-            try:
-                call_id, ok, value = _decoder.decode(payload)
-            except (msgspec.DecodeError, ValueError):
-                log.warning("undecodable rpc reply", endpoint=self.endpoint)
-                continue
-            future = self._pending.get(call_id)
-            if future is None or future.done():
-                continue  # its caller timed out already
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(_error_from_wire(msgspec.convert(value, _WireError)))
+    def _read(self, frames: list[bytes]) -> None:
+        try:
+            call_id, ok, value = _decoder.decode(frames[-1])
+        except (msgspec.DecodeError, ValueError):
+            log.warning("undecodable rpc reply", endpoint=self.endpoint)
+            return
+        future = self._pending.get(call_id)
+        if future is None or future.done():
+            return  # its caller timed out already
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(_error_from_wire(msgspec.convert(value, _WireError)))
 
     async def close(self) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(Unavailable("the accept worker is shutting down"))
@@ -313,7 +310,7 @@ class ServiceProxy:
         log: EventLog | None = None,
         endpoints: list[str] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context[Any] | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -322,7 +319,7 @@ class ServiceProxy:
         self.draining = False
         self.timeout_s = timeout_s
         self.endpoints = endpoints or [paths.orchestrator_rpc(config, i) for i in range(config.planes.orchestrators)]
-        self._context = context or zmq.asyncio.Context()
+        self._context: zmq.Context[Any] = context or zmq.Context()
         self._own_context = context is None
         self._channels: list[_Channel] = []
 

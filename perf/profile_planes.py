@@ -1,0 +1,105 @@
+"""Where the multi-process daemon spends its CPU under W6 over HTTP/2: py-spy on every child, one summary per role.
+
+    python -m perf.profile_planes [--runs 8000] [--inline] [--top 25]
+
+Starts the default layout (``perf.w6.start_bench_daemon``), attaches ``py-spy record --nonblocking --gil`` to the
+supervisor and each child, drives ``h2load`` as ``perf.w6 --mode http2`` does, and prints each process's CPU
+seconds beside its top functions (``perf.spy_top``). ``make profile-planes`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from perf.spy_top import summarize
+from perf.w6 import _tree, start_bench_daemon, w6_document
+
+
+def _role(pid: int) -> str:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    text = [a.decode() for a in args if a]
+    if "aobd.planes.child" in text:
+        at = text.index("aobd.planes.child")
+        return f"{text[at + 1]}-{text[at + 2]}"
+    return "supervisor"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / 100.0
+
+
+async def profile(runs: int, inline: bool, top: int, work: Path) -> None:
+    spy = str(Path(sys.executable).parent / "py-spy")
+    daemon = await start_bench_daemon(work / "data", "full", "multi-accept", inline)
+    try:
+        pids = [p for p in _tree(daemon.proc.pid)]
+        roles = {pid: _role(pid) for pid in pids}
+        before = {pid: _cpu_seconds(pid) for pid in pids}
+        spies = {}
+        for pid in pids:
+            command = [spy, "record", "--nonblocking", "--gil", "-r", "250", "-f", "raw", "-p", str(pid)]
+            command += ["-o", str(work / f"{roles[pid]}.spy")]
+            # Started and left running until the load is over: nothing here waits on them.
+            spies[pid] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+        await asyncio.sleep(1.0)
+        body = work / "body.json"
+        body.write_text(json.dumps({"definition": w6_document(), "inputs": {"x": 1}}))
+        h2 = await asyncio.create_subprocess_exec(
+            "h2load", "-n", str(runs), "-c", "64", "-m", "4", "-d", str(body),
+            "-H", "content-type: application/json", f"{daemon.url}/v1/runs?wait=60",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out = (await h2.communicate())[0].decode()
+        after = {pid: _cpu_seconds(pid) for pid in pids}
+        for proc in spies.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in spies.values():
+            proc.wait(timeout=30)
+    finally:
+        await asyncio.to_thread(daemon.stop)
+    print(next((line for line in out.splitlines() if line.startswith("finished in")), out[-400:]))
+    total_cpu = sum(after[p] - before[p] for p in pids)
+    print(f"daemon CPU {total_cpu:.2f} s = {total_cpu * 1e6 / runs:.0f} us per run")
+    for pid in sorted(pids, key=lambda p: before[p] - after[p]):
+        cpu = after[pid] - before[pid]
+        print(f"\n=== {roles[pid]} (pid {pid}): {cpu:.2f} s CPU, {cpu * 1e6 / runs:.0f} us per run")
+        path = work / f"{roles[pid]}.spy"
+        if not path.exists():
+            continue
+        samples, inclusive, own = summarize(path)
+        for title, counts in (("inclusive", inclusive), ("self", own)):
+            print(f"--- {title} ({samples} samples)")
+            for frame, n in counts.most_common(top):
+                print(f"{100.0 * n / max(1, samples):5.1f}%  {frame}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m perf.profile_planes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=8000)
+    parser.add_argument("--inline", action="store_true")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the raw profiles in this directory")
+    args = parser.parse_args(argv)
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        asyncio.run(profile(args.runs, args.inline, args.top, args.keep))
+    else:
+        with tempfile.TemporaryDirectory(prefix="aobd-prof-") as tmp:
+            asyncio.run(profile(args.runs, args.inline, args.top, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
