@@ -142,11 +142,16 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runner_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 256
 
 
+#: The most orchestrators ``[planes] orchestrators = 0`` starts.
+AUTO_ORCHESTRATORS_MAX = 4
+
+
 class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The multi-process daemon (``aobd serve`` without ``--single-process``): process groups and their cores."""
 
-    #: Orchestrator processes; each drives the runs whose hash of run_id falls in its shard.
-    orchestrators: int = 1
+    #: Orchestrator processes; each drives the runs whose hash of run_id falls in its shard. 0: one per CPU the
+    #: daemon may run on, at most 4 (env AOBD_PLANES_ORCHESTRATORS); see :meth:`orchestrator_count`.
+    orchestrators: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: Runner processes executing function and http node attempts.
     runners: int = 1
     #: HTTP accept workers sharing the API port (SO_REUSEPORT).
@@ -167,6 +172,16 @@ class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Where the planes' ipc sockets live; empty: <data_dir>/planes. A path too long for a unix socket
     #: (107 bytes) falls back to $XDG_RUNTIME_DIR or /tmp, under aobd-<hash of the directory>.
     socket_dir: str = ""
+
+    def orchestrator_count(self) -> int:
+        """How many orchestrators: ``orchestrators``, or for 0 one per CPU this process may run on, at most
+        :data:`AUTO_ORCHESTRATORS_MAX`. The orchestrator's loop is the daemon's busiest (routing, events, the group
+        commit), so sharding runs across cores is what lets the control plane use them; beyond four, embedded
+        SQLite serializes their commits anyway. The supervisor resolves it once and exports it to its children
+        (``AOBD_PLANES_ORCHESTRATORS``), whose own CPU sets may be narrower."""
+        if self.orchestrators > 0:
+            return self.orchestrators
+        return max(1, min(AUTO_ORCHESTRATORS_MAX, len(os.sched_getaffinity(0))))
 
 
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -269,6 +284,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_REDIS_URL": ("redis.url", str),
     "AOBD_KAFKA_BOOTSTRAP": ("kafka.bootstrap", str),
     "AOBD_DAEMON_ID": ("cluster.daemon_id", str),
+    "AOBD_PLANES_ORCHESTRATORS": ("planes.orchestrators", int),
 }
 
 

@@ -158,7 +158,7 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
 
 
 async def start_bench_daemon(
-    data_dir: Path, fidelity: str, processes: str, inline: bool = False, orchestrators: int = 1
+    data_dir: Path, fidelity: str, processes: str, inline: bool = False, orchestrators: int = 0
 ) -> Any:
     """A fresh daemon for the HTTP benchmarks, in the process layout ``processes`` names:
 
@@ -167,7 +167,8 @@ async def start_bench_daemon(
     - ``multi-accept``: the default layout, accept workers on the port calling the orchestrator over zmq.
 
     With ``inline``, the orchestrators run the (sync) W6 handlers themselves (``planes.inline_sync_handlers``);
-    ``orchestrators`` is ``planes.orchestrators`` of ``multi-accept`` (the other layouts have one).
+    ``orchestrators`` is ``planes.orchestrators`` of ``multi-accept`` (the other layouts have one; 0 is the
+    daemon's default, one per CPU).
     The benchmark measures the engine, not the limiter; its handlers are its own module.
     """
     from tests.integration.daemon import Daemon, free_port
@@ -193,7 +194,7 @@ async def run_http(
     fidelity: str,
     processes: str = "single",
     inline: bool = False,
-    orchestrators: int = 1,
+    orchestrators: int = 0,
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -264,7 +265,7 @@ async def run_h2load(
     fidelity: str,
     processes: str = "multi-accept",
     inline: bool = False,
-    orchestrators: int = 1,
+    orchestrators: int = 0,
     streams: int = 4,
 ) -> dict[str, Any]:
     """W6 runs started and completed over HTTP/2 (h2c, prior knowledge) by h2load, against a fresh daemon.
@@ -315,7 +316,7 @@ async def run_h2load(
         "client": "h2load",
         "processes": processes,
         "inline_sync_handlers": inline,
-        "orchestrators": orchestrators,
+        "orchestrators": orchestrators or "auto",
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency * streams,
@@ -382,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         "inline_sync_handlers = true) instead of sending them to the runner plane",
     )
     parser.add_argument(
-        "--orchestrators", type=int, default=1, help="multi-accept: orchestrator processes ([planes] orchestrators)"
+        "--orchestrators",
+        type=int,
+        default=0,
+        help="multi-accept: orchestrator processes ([planes] orchestrators; 0, the default: one per CPU, at most 4)",
     )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument(

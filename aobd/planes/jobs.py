@@ -284,7 +284,7 @@ class RunnerLoop:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        for i in range(self.config.planes.orchestrators):
+        for i in range(self.config.planes.orchestrator_count()):
             sock = self._ctx.socket(zmq.DEALER)
             # A fresh identity per process: the orchestrator tells a restarted runner from the old one by it.
             sock.setsockopt(zmq.IDENTITY, f"r{self.index}.{self.pid}".encode())

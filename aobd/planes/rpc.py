@@ -297,7 +297,7 @@ class ServiceProxy:
     the orchestrators' agent job queues). ``status`` is a coroutine here (the Api awaits it when it is one).
 
     Args:
-        config: The daemon's config (``planes.orchestrators`` and the socket paths).
+        config: The daemon's config (``planes.orchestrator_count()`` and the socket paths).
         log: The event log, read-only use: streams replay history from it.
         endpoints: Overrides the orchestrators' RPC endpoints (tests); default from :mod:`aobd.planes.paths`.
         timeout_s: Per-call limit before Unavailable.
@@ -318,7 +318,8 @@ class ServiceProxy:
         self.ready = False
         self.draining = False
         self.timeout_s = timeout_s
-        self.endpoints = endpoints or [paths.orchestrator_rpc(config, i) for i in range(config.planes.orchestrators)]
+        count = config.planes.orchestrator_count()
+        self.endpoints = endpoints or [paths.orchestrator_rpc(config, i) for i in range(count)]
         self._context: zmq.Context[Any] = context or zmq.Context()
         self._own_context = context is None
         self._channels: list[_Channel] = []

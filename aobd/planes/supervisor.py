@@ -85,7 +85,7 @@ def plan(config: Config) -> list[ChildSpec]:
     control, runner, fanout = tuple(p.control_cpus), tuple(p.runner_cpus), tuple(p.fanout_cpus)
     accept = accept_plane_enabled(config)
     # Without accept workers there is nobody to route a call to another shard: one orchestrator owns every run.
-    orchestrators = p.orchestrators if accept else 1
+    orchestrators = p.orchestrator_count() if accept else 1
     children = [ChildSpec("orchestrator", i, control) for i in range(orchestrators)]
     children += [ChildSpec("runner", i, runner) for i in range(p.runners)]
     if accept:
@@ -133,9 +133,14 @@ class Child:
 
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, *, env: dict[str, str] | None = None) -> None:
+        # Resolved here, once: a child counting its own CPUs would see only those it is pinned to.
+        orchestrators = config.planes.orchestrator_count()
+        planes = msgspec.structs.replace(config.planes, orchestrators=orchestrators)
+        config = msgspec.structs.replace(config, planes=planes)
         self.config = config
         self.config_path = config_path
         self.env = dict(os.environ if env is None else env)
+        self.env["AOBD_PLANES_ORCHESTRATORS"] = str(orchestrators)
         p = config.planes
         self.children = [Child(spec, Backoff(p.restart_backoff_s, p.restart_backoff_max_s)) for spec in plan(config)]
         self.started_at = time.time()
