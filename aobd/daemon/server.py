@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import faulthandler
 import ipaddress
+import logging
 import signal
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ from aobd.model import events as ev
 from aobd.store.factory import Stores, open_stores
 
 log = structlog.get_logger("aobd.daemon")
+#: The stdlib logger under ``log``: asking it whether a level is on costs a cached lookup, where a filtered-out
+#: structlog call still binds its fields and runs the first processor.
+_stdlib_log = logging.getLogger("aobd.daemon")
 
 
 _LOGGED = {
@@ -56,6 +60,7 @@ _LOGGED = {
     "ApprovalDecided": "info",
     "ApprovalEscalated": "info",
 }
+_LEVELNO = {"info": logging.INFO, "warning": logging.WARNING}
 _IDS = (
     "node_id",
     "patch_id",
@@ -79,7 +84,7 @@ def log_events(events: list[ev.Event]) -> None:
     for event in events:
         kind = ev.event_type(event)
         level = _LOGGED.get(kind)
-        if level is None:
+        if level is None or not _stdlib_log.isEnabledFor(_LEVELNO[level]):
             continue
         fields = {k: getattr(event, k) for k in _IDS if getattr(event, k, None) not in (None, "", [])}
         getattr(log, level)(kind, run_id=event.run_id, seq=event.seq, **fields)

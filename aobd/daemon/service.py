@@ -58,6 +58,10 @@ class Caller:
         return ROLES[self.role] >= ROLES[role]
 
 
+#: Checked document versions remembered (cleared when full: a miss costs one validation).
+_CHECKED_MAX = 4096
+
+
 @dataclass(slots=True)
 class _Approval:
     ticket: str
@@ -115,6 +119,8 @@ class Service:
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs
         self._approvals: dict[str, _Approval] = {}
+        #: Versions of run documents that passed validation and the handler allow-list here.
+        self._checked: set[str] = set()
         self.engine.listeners.append(self._on_events)
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,6 +218,19 @@ class Service:
 
     # ------------------------------------------------------------------ workflows
 
+    def _check_document(self, document: dict[str, Any]) -> None:
+        """Validate a run's document and check its handlers, once per version: a version in the engine's IR cache
+        was validated when it was compiled, and one in ``_checked`` passed this daemon's allow-list (the cache
+        alone would not do: it also holds versions of runs resumed from the log, started under older settings)."""
+        version = sha256_ref(canonical_json(document))
+        if version in self._checked:
+            return
+        self.engine.ir_cache.get(version, lambda: load_workflow(document, source="definition"))
+        self._check_handlers(document)
+        if len(self._checked) >= _CHECKED_MAX:
+            self._checked.clear()
+        self._checked.add(version)
+
     def _check_handlers(self, document: dict[str, Any]) -> None:
         """Workflows that come over the API may call only builtins and security.handler_modules."""
         allowed = self.config.security.handler_modules
@@ -284,11 +303,7 @@ class Service:
                 if self.owns_run is not None and not self.owns_run(existing):
                     raise Unavailable("the run of this idempotency key belongs to another orchestrator; retry")
                 run_id, retried = existing, True
-        # Validated once per version: a version in the engine's IR cache was validated when it was compiled.
-        self.engine.ir_cache.get(
-            sha256_ref(canonical_json(document)), lambda: load_workflow(document, source="definition")
-        )
-        self._check_handlers(document)
+        self._check_document(document)
         overlays = await self._patch_set(caller, body.patch_set or [], document)
         drive = self.cluster is None or self.cluster.owns(run_id)
         try:
