@@ -24,7 +24,7 @@ import functools
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,16 +315,24 @@ class RunnerLoop:
             return
         loop = asyncio.get_running_loop()
         for job in jobs:
+            # A handler that cannot await runs here and now (no task); the others get a task each.
+            outcome = self.runner.run_now(job)
+            if isinstance(outcome, NodeOutcome):
+                self._done(i, outcome)
+                continue
             self._busy[i] += 1
-            task = loop.create_task(self._run(i, job))
+            task = loop.create_task(self._run(i, outcome))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, i: int, job: NodeJob) -> None:
+    async def _run(self, i: int, attempt: Coroutine[Any, Any, NodeOutcome]) -> None:
         try:
-            outcome = await self.runner.run(job)
+            outcome = await attempt
         finally:
             self._busy[i] -= 1
+        self._done(i, outcome)
+
+    def _done(self, i: int, outcome: NodeOutcome) -> None:
         self._outbox[i].append(outcome)
         if not self._flush_scheduled:  # one batch per orchestrator per loop turn
             self._flush_scheduled = True

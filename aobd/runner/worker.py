@@ -7,10 +7,11 @@ applies its *own* handler and HTTP allow-lists, never ones carried by the job.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ import msgspec
 from aobd.errors import NodeError
 from aobd.model.workflow import Node
 from aobd.nodes.base import NodeContext
-from aobd.nodes.function import execute_function
+from aobd.nodes.function import execute_function, inline_call
 from aobd.nodes.registry import Executor
 
 from .wire import REMOTE_TYPES, NodeJob, NodeOutcome
@@ -81,7 +82,52 @@ class Runner:
         if executor is None:
             message = f"node type {node.type!r} does not run on a runner"
             return self._outcome(job, error={"code": "no_executor", "message": message}, retryable=False)
-        ctx = NodeContext(
+        ctx = self._context(job)
+        self.executed += 1
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline - self.clock())):
+                output = await executor(node, job.inputs, ctx)
+        except Exception as exc:
+            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+            return self._outcome(job, error=error, retryable=retryable)
+        return self._success(job, output)
+
+    def run_now(self, job: NodeJob) -> NodeOutcome | Coroutine[Any, Any, NodeOutcome]:
+        """The job's outcome at once when its handler cannot await (a sync function handler not marked
+        ``blocking``, ``builtin:noop``, ``builtin:echo``: :func:`~aobd.nodes.function.inline_call`); otherwise the
+        coroutine that runs it (:meth:`run`), for the caller to schedule.
+
+        The same semantics as :meth:`run`, minus a task and a timeout per attempt: :meth:`run` also calls such a
+        handler on the event loop, where a timeout cannot interrupt it.
+        """
+        if job.deadline < self.clock():
+            return self.run(job)  # reports the expiry
+        node = job.node if job.node is not None else self._shared_node(job.version, job.node_id)
+        call = inline_call(node, self.handler_modules) if node is not None and node.type == "function" else None
+        if call is None:
+            return self.run(job)
+        self.executed += 1
+        try:
+            output = call(job.inputs, self._context(job))
+        except Exception as exc:
+            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+            return self._outcome(job, error=error, retryable=retryable)
+        if inspect.isawaitable(output):
+            return self._settle(job, output)
+        return self._success(job, output)
+
+    async def _settle(self, job: NodeJob, pending: Awaitable[Any]) -> NodeOutcome:
+        """A sync handler that returned an awaitable after all: awaited under the job's deadline, as :meth:`run`."""
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline - self.clock())):
+                output = await pending
+        except Exception as exc:
+            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
+            return self._outcome(job, error=error, retryable=retryable)
+        return self._success(job, output)
+
+    def _context(self, job: NodeJob) -> NodeContext:
+        return NodeContext(
             run_id=job.run_id,
             node_id=job.node_id,
             attempt=job.attempt,
@@ -91,13 +137,8 @@ class Runner:
             priority=job.priority,
             services={"handler_modules": self.handler_modules, "http_allow": self.http_allow},
         )
-        self.executed += 1
-        try:
-            async with asyncio.timeout(max(0.0, job.deadline - self.clock())):
-                output = await executor(node, job.inputs, ctx)
-        except Exception as exc:
-            error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
-            return self._outcome(job, error=error, retryable=retryable)
+
+    def _success(self, job: NodeJob, output: Any) -> NodeOutcome:
         return NodeOutcome(
             job.job_id, job.run_id, job.node_id, job.attempt, True, output, runner=self.runner_id, origin=job.origin
         )

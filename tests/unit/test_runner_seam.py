@@ -4,8 +4,11 @@ what in-process execution records: outputs, failures with their codes and retrya
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
+
+import pytest
 
 from aobd.engine.driver import Engine
 from aobd.model import events as ev
@@ -20,8 +23,10 @@ from tests.conftest import EXAMPLES, fn, run_async, workflow
 class WireTransport:
     """Jobs cross real msgpack frames (as over zmq or Kafka) to a Runner; outcomes come back the same way."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, *, now: bool = False) -> None:
         self.runner = runner
+        #: Execute as the runner plane does (``Runner.run_now``: sync handlers at once) rather than ``Runner.run``.
+        self.now = now
         self.executor: RemoteExecutor | None = None
         self.jobs: list[NodeJob] = []
         self.lose = 0  # how many of the next jobs get no answer (a runner that died holding them)
@@ -38,13 +43,17 @@ class WireTransport:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, job: NodeJob) -> None:
-        outcome = await self.runner.run(job)
+        if self.now:
+            answer = self.runner.run_now(job)
+            outcome = answer if isinstance(answer, NodeOutcome) else await answer
+        else:
+            outcome = await self.runner.run(job)
         assert self.executor is not None
         self.executor.deliver(wire.decode_outcomes(wire.encode([outcome]))[0])
 
 
-def remote_engine(handler_modules: list[str] | None = None) -> tuple[Engine, WireTransport]:
-    transport = WireTransport(Runner("runner-1", handler_modules=handler_modules))
+def remote_engine(handler_modules: list[str] | None = None, *, now: bool = False) -> tuple[Engine, WireTransport]:
+    transport = WireTransport(Runner("runner-1", handler_modules=handler_modules), now=now)
     executor = RemoteExecutor(transport, origin="orch-0")
     transport.executor = executor
     engine = Engine(MemoryEventLog(), MemoryCas())
@@ -56,14 +65,15 @@ async def history(engine: Engine, run_id: str) -> list[ev.Event]:
     return [ev.decode_event(r.data) for r in await engine.log.read(run_id)]
 
 
-def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: Any) -> None:
+@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
+def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: Any, now: bool) -> None:
     import orjson
 
     monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
     document = orjson.loads((EXAMPLES / "w6" / "workflow.json").read_bytes())
 
     async def main() -> None:
-        engine, transport = remote_engine()
+        engine, transport = remote_engine(now=now)
         run_id = await engine.start_run(document, {"x": 1}, priority="high")
         summary = await engine.wait(run_id)
         assert summary["status"] == "completed" and summary["outputs"] == {"x": 20}
@@ -80,11 +90,12 @@ def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: 
     run_async(main())
 
 
-def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its_frames() -> None:
+@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
+def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its_frames(now: bool) -> None:
     doc = workflow([fn("a", "json:loads", retry={"max_attempts": 2, "initial_ms": 1, "max_ms": 2})])
 
     async def main() -> None:
-        engine, _ = remote_engine()
+        engine, _ = remote_engine(now=now)
         run_id = await engine.start_run(doc, {"s": "x"})
         summary = await engine.wait(run_id)
         assert summary["status"] == "failed"
@@ -97,11 +108,12 @@ def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its
     run_async(main())
 
 
-def test_the_runner_enforces_its_own_handler_allow_list() -> None:
+@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
+def test_the_runner_enforces_its_own_handler_allow_list(now: bool) -> None:
     doc = workflow([fn("a", "json:dumps")])
 
     async def main() -> None:
-        engine, _ = remote_engine(handler_modules=["examples"])
+        engine, _ = remote_engine(handler_modules=["examples"], now=now)
         run_id = await engine.start_run(doc, {})
         summary = await engine.wait(run_id)
         assert summary["status"] == "failed"
@@ -181,5 +193,37 @@ def test_jobs_name_their_node_by_version_and_runners_read_the_patched_graph_from
                 await runner.close()
             orchestrator_side.close()
             shm_ir.cleanup(namespace)
+
+    run_async(main())
+
+
+def test_run_now_answers_sync_handlers_at_once_and_leaves_the_rest_to_run() -> None:
+    """The runner plane calls sync handlers in the receive callback (no task); async, blocking and not allowed
+    handlers, and jobs past their deadline, come back as the coroutine of ``run``, with the same outcomes."""
+    from aobd.model.workflow import Node
+
+    def job(handler: str, deadline_in_s: float = 30.0, **config: Any) -> NodeJob:
+        node = Node(id="a", type="function", config={"handler": handler, **config})
+        return NodeJob("j1", "r1", "a", 1, node, {"x": 1}, 30.0, deadline=time.time() + deadline_in_s)
+
+    async def main() -> None:
+        runner = Runner("runner-1", handler_modules=["tests"])
+        now = runner.run_now(job("tests.handlers:add_one"))
+        assert isinstance(now, NodeOutcome) and now.ok and now.output == {"x": 2}
+        failed = runner.run_now(job("tests.handlers:boom"))
+        assert isinstance(failed, NodeOutcome) and not failed.ok and failed.error is not None
+        assert failed.error["code"] == "handler_error" and failed.retryable
+        later_ones = (
+            job("tests.handlers:add_one", blocking=True),
+            job("tests.handlers:async_double"),
+            job("json:loads"),  # not allowed on this runner
+        )
+        for later in later_ones:
+            answer = runner.run_now(later)
+            assert not isinstance(answer, NodeOutcome)
+            assert await answer == await runner.run(later)
+        answer = runner.run_now(job("tests.handlers:add_one", deadline_in_s=-1.0))
+        assert not isinstance(answer, NodeOutcome)
+        assert (await answer).error == {"code": "expired", "message": "the job reached a runner after its deadline"}
 
     run_async(main())
