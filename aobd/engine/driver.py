@@ -37,6 +37,7 @@ from aobd.model.workflow import Node
 from aobd.nodes.base import NodeContext
 from aobd.nodes.function import InlineCall, execute_function, inline_call
 from aobd.nodes.registry import Executor, default_executors, execute_join
+from aobd.runner.remote import result_of
 from aobd.runner.worker import failure_of
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
@@ -46,6 +47,8 @@ from .machine import RunMachine, no_url_check
 _log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
 _InlineJob = tuple[Dispatch, InlineCall]
+#: A dispatched attempt's result (its output, or the exception it failed with) and duration in ms.
+_Completion = tuple[Dispatch, Any, float]
 _DURABLE_REFS_MAX = 100_000
 #: Results an inline handler returns that cannot be awaitables or agent answers (checked first: it is cheaper).
 _PLAIN_RESULTS = frozenset({dict, list, str, int, float, bool, type(None)})
@@ -66,6 +69,12 @@ class _RunSlot:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     #: The status this engine last wrote to the run index (None: not known, write it with the next append).
     indexed_status: str | None = None
+    #: Attempts sent through an executor's ``dispatch`` (no task each): job id -> (deadline timer, executor).
+    dispatched: dict[str, tuple[asyncio.TimerHandle, Any]] = field(default_factory=dict)
+    #: Their results waiting for the run's next completion step (:meth:`Engine._complete`), and whether a task
+    #: to record them is scheduled already.
+    completions: list[_Completion] = field(default_factory=list)
+    completing: bool = False
 
 
 class Engine:
@@ -111,6 +120,9 @@ class Engine:
         #: Refs this engine has made durable in the CAS (bounded; blobs are never deleted, so it cannot go stale).
         self._durable_refs: set[str] = set()
         self._inflight = asyncio.Semaphore(max_inflight)
+        self.max_inflight = max_inflight
+        #: Attempts out through ``dispatch`` (they hold no semaphore slot: this counts them against the limit).
+        self._dispatched = 0
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
         #: In a cluster: this daemon's id, recorded on every event it appends (None on a single daemon).
@@ -315,6 +327,7 @@ class Engine:
         slot = self._owned(run_id)
         async with slot.lock:
             await self._commit(slot, slot.machine.cancel(reason, by, self.clock()))
+        self._drop_dispatched(slot)
         for task in list(slot.tasks):
             task.cancel()
 
@@ -324,6 +337,8 @@ class Engine:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        for slot in self._runs.values():
+            self._drop_dispatched(slot)
         tasks = [t for slot in self._runs.values() for t in slot.tasks]
         for task in tasks:
             task.cancel()
@@ -334,16 +349,21 @@ class Engine:
 
     def inflight(self) -> int:
         """Node attempts, wakes and child waits currently executing."""
-        return sum(len(slot.tasks) for slot in self._runs.values())
+        return sum(len(slot.tasks) for slot in self._runs.values()) + self._dispatched
 
     async def drain(self, grace_s: float) -> bool:
         """Stop dispatching and wait up to ``grace_s`` for in-flight attempts; True if all finished in time."""
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        # Finishing attempts may spawn short follow-up tasks (their commits, wakes), so wait in rounds.
-        while (tasks := [t for slot in self._runs.values() for t in slot.tasks]) and loop.time() < deadline:
-            await asyncio.wait(tasks, timeout=deadline - loop.time())
+        # Finishing attempts may spawn short follow-up tasks (their commits, wakes), so wait in rounds. Dispatched
+        # attempts have no task to wait on: their outcomes arrive as callbacks, so poll for them.
+        while self.inflight() and loop.time() < deadline:
+            tasks = [t for slot in self._runs.values() for t in slot.tasks]
+            if tasks:
+                await asyncio.wait(tasks, timeout=min(deadline - loop.time(), 0.05 if self._dispatched else 3600.0))
+            else:
+                await asyncio.sleep(min(0.01, max(0.0, deadline - loop.time())))
         return self.inflight() == 0
 
     def drives(self, run_id: str) -> bool:
@@ -440,10 +460,10 @@ class Engine:
                 if self.draining:
                     continue
                 call = self._inline_call(effect.node)
-                if call is None:
-                    self._spawn(slot, self._execute(slot, effect))
-                else:
+                if call is not None:
                     inline.append((effect, call))
+                elif not self._dispatch(slot, effect):
+                    self._spawn(slot, self._execute(slot, effect))
             elif isinstance(effect, Wake):
                 self._arm(slot, effect)
             elif isinstance(effect, Finished):
@@ -504,6 +524,89 @@ class Engine:
                 await self._persist_live(slot, step)
                 jobs = self._perform(slot, step, collect=True)
 
+    def _dispatch(self, slot: _RunSlot, job: Dispatch) -> bool:
+        """Send an attempt through an executor that runs it elsewhere and calls back (``dispatch``: the runner
+        plane's :class:`~aobd.runner.remote.RemoteExecutor`), with no task, timeout or lock of its own: a timer
+        keeps its deadline, and its result joins the run's next completion step (:meth:`_complete`), so
+        results that arrive together (a fan-out's branches, answered in one batch) share one commit. False: not
+        such an executor, or the in-flight limit is reached; the general path (:meth:`_execute`) takes it.
+        """
+        executor = self.executors.get(job.node.type)
+        dispatch = getattr(executor, "dispatch", None)
+        if dispatch is None or self._dispatched >= self.max_inflight:
+            return False
+        started = time.perf_counter()
+        job_id = dispatch(
+            job.node,
+            job.inputs,
+            self._context(slot.machine, job),
+            lambda outcome: self._arrived(slot, job, started, outcome),
+        )
+        if job_id is None:
+            return False
+        timer = asyncio.get_running_loop().call_later(job.timeout_s, self._expired, slot, job, started, job_id)
+        slot.dispatched[job_id] = (timer, executor)
+        self._dispatched += 1
+        return True
+
+    def _arrived(self, slot: _RunSlot, job: Dispatch, started: float, outcome: Any) -> None:
+        entry = slot.dispatched.pop(outcome.job_id, None)
+        if entry is None:
+            return  # timed out or dropped already
+        entry[0].cancel()
+        self._dispatched -= 1
+        try:
+            result = result_of(outcome)
+        except NodeError as exc:
+            result = exc
+        self._complete_later(slot, (job, result, _ms_since(started)))
+
+    def _expired(self, slot: _RunSlot, job: Dispatch, started: float, job_id: str) -> None:
+        entry = slot.dispatched.pop(job_id, None)
+        if entry is None:
+            return
+        entry[1].forget(job_id)
+        self._dispatched -= 1
+        self._complete_later(slot, (job, TimeoutError(), _ms_since(started)))
+
+    def _drop_dispatched(self, slot: _RunSlot) -> None:
+        """The run stops here (cancelled, released, closing): its dispatched attempts' outcomes are not awaited."""
+        for job_id, (timer, executor) in slot.dispatched.items():
+            timer.cancel()
+            executor.forget(job_id)
+        self._dispatched -= len(slot.dispatched)
+        slot.dispatched.clear()
+        slot.completions.clear()
+
+    def _complete_later(self, slot: _RunSlot, completion: _Completion) -> None:
+        slot.completions.append(completion)
+        if not slot.completing:
+            slot.completing = True
+            self._spawn(slot, self._complete(slot))
+
+    async def _complete(self, slot: _RunSlot) -> None:
+        """Record the dispatched attempts' results gathered since the last call, as one step and one commit."""
+        async with slot.lock:
+            # Results arriving from here on, while this step commits, schedule the next call.
+            slot.completing = False
+            batch, slot.completions = slot.completions, []
+            if not batch or not self._live(slot):
+                return  # released: whoever drives the run now runs those attempts again
+            machine = slot.machine
+            step = Step()
+            for job, result, duration_ms in batch:
+                if isinstance(result, BaseException):
+                    error, retryable = failure_of(result, job.node_id, job.attempt, job.timeout_s)
+                    part = self._failed(machine, job, error, retryable, duration_ms)
+                else:
+                    part = machine.node_completed(
+                        job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
+                    )
+                step.events += part.events
+                step.blobs.update(part.blobs)
+                step.effects += part.effects
+            await self._commit(slot, step)
+
     async def _settle(self, slot: _RunSlot, job: Dispatch, result: Any, started: float) -> None:
         """Finish an inline attempt whose handler returned an awaitable, as the general path would have."""
         try:
@@ -522,6 +625,7 @@ class Engine:
         slot = self._runs.pop(run_id, None)
         if slot is None:
             return False
+        self._drop_dispatched(slot)
         for task in list(slot.tasks):
             if task is not asyncio.current_task():
                 task.cancel()

@@ -188,6 +188,9 @@ class ZmqJobTransport:
         log.info("jobs transport bound", address=self.address)
 
     async def submit(self, job: NodeJob) -> None:
+        self.submit_nowait(job)
+
+    def submit_nowait(self, job: NodeJob) -> None:
         if self._sock is None:
             raise RuntimeError("the job transport is not started")
         self.book.submit(job)

@@ -28,6 +28,11 @@ class JobTransport(Protocol):
         """Hand the job to a runner (or to a durable queue that will); raise if it could not be handed off."""
 
 
+class SyncJobTransport(JobTransport, Protocol):
+    def submit_nowait(self, job: NodeJob) -> None:
+        """:meth:`submit` for a transport that hands a job off without waiting (the runner plane's zmq)."""
+
+
 class Documents(Protocol):
     def publish(self, version: str, document: dict[str, Any]) -> bool:
         """Make ``document`` readable by ``version`` in every process (idempotent: content-addressed)."""
@@ -52,12 +57,55 @@ class RemoteExecutor:
         self.documents = documents
         self._published: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, asyncio.Future[NodeOutcome]] = {}
+        self._callbacks: dict[str, Callable[[NodeOutcome], object]] = {}
         self.submitted = 0
         self.dropped = 0
 
     async def __call__(self, node: Node, inputs: dict[str, Any], ctx: NodeContext) -> Any:
+        job = self._job(node, inputs, ctx)
+        future: asyncio.Future[NodeOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[job.job_id] = future
+        try:
+            await self.transport.submit(job)
+            self.submitted += 1
+            outcome = await future
+        finally:
+            self._pending.pop(job.job_id, None)
+        return result_of(outcome)
+
+    @property
+    def can_dispatch(self) -> bool:
+        """Whether :meth:`dispatch` works: the transport takes jobs without waiting."""
+        return callable(getattr(self.transport, "submit_nowait", None))
+
+    def dispatch(
+        self, node: Node, inputs: dict[str, Any], ctx: NodeContext, done: Callable[[NodeOutcome], object]
+    ) -> str | None:
+        """Send the attempt and return at once: :meth:`deliver` calls ``done(outcome)`` when it comes back, unless
+        :meth:`forget` came first. Returns the job id, or None when the transport cannot take a job without waiting
+        (then call the executor instead). No task, future or timeout per attempt: the caller keeps the deadline
+        (``Engine._dispatch``)."""
+        submit = getattr(self.transport, "submit_nowait", None)
+        if submit is None:
+            return None
+        job = self._job(node, inputs, ctx)
+        self._callbacks[job.job_id] = done
+        try:
+            submit(job)
+        except BaseException:
+            self._callbacks.pop(job.job_id, None)
+            raise
+        self.submitted += 1
+        return job.job_id
+
+    def forget(self, job_id: str) -> None:
+        """Nobody waits for this job any more (its attempt timed out, its run was cancelled or released): an
+        outcome arriving later is dropped."""
+        self._callbacks.pop(job_id, None)
+
+    def _job(self, node: Node, inputs: dict[str, Any], ctx: NodeContext) -> NodeJob:
         version = self._shared_version(node, ctx)
-        job = NodeJob(
+        return NodeJob(
             job_id=os.urandom(16).hex(),  # as unique as uuid4, at a fifth of its cost
             run_id=ctx.run_id,
             node_id=ctx.node_id,
@@ -72,15 +120,6 @@ class RemoteExecutor:
             idempotency_key=ctx.idempotency_key,
             version=version,
         )
-        future: asyncio.Future[NodeOutcome] = asyncio.get_running_loop().create_future()
-        self._pending[job.job_id] = future
-        try:
-            await self.transport.submit(job)
-            self.submitted += 1
-            outcome = await future
-        finally:
-            self._pending.pop(job.job_id, None)
-        return result_of(outcome)
 
     def _shared_version(self, node: Node, ctx: NodeContext) -> str:
         """The version a runner can read this node from, publishing it first if needed; "" to send it inline
@@ -103,6 +142,10 @@ class RemoteExecutor:
 
     def deliver(self, outcome: NodeOutcome) -> bool:
         """Resolve the call waiting for ``outcome``; False when nobody waits for it any more."""
+        done = self._callbacks.pop(outcome.job_id, None)
+        if done is not None:
+            done(outcome)
+            return True
         future = self._pending.get(outcome.job_id)
         if future is None or future.done():
             self.dropped += 1
@@ -111,7 +154,7 @@ class RemoteExecutor:
         return True
 
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._callbacks)
 
 
 def result_of(outcome: NodeOutcome) -> Any:

@@ -33,14 +33,17 @@ class WireTransport:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, job: NodeJob) -> None:
+        self._take(job)
+
+    def _take(self, job: NodeJob) -> None:
         job = wire.decode_jobs(wire.encode([job]))[0]
         self.jobs.append(job)
         if self.lose:
             self.lose -= 1
-        else:
-            task = asyncio.create_task(self._answer(job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, job: NodeJob) -> None:
         if self.now:
@@ -52,8 +55,24 @@ class WireTransport:
         self.executor.deliver(wire.decode_outcomes(wire.encode([outcome]))[0])
 
 
-def remote_engine(handler_modules: list[str] | None = None, *, now: bool = False) -> tuple[Engine, WireTransport]:
-    transport = WireTransport(Runner("runner-1", handler_modules=handler_modules), now=now)
+class DispatchTransport(WireTransport):
+    """Takes jobs without waiting, as the runner plane's transport does: the engine then dispatches attempts with
+    no task each (``Engine._dispatch``) instead of awaiting the executor."""
+
+    def submit_nowait(self, job: NodeJob) -> None:
+        self._take(job)
+
+
+#: How attempts reach the runner and run there: the engine awaiting the executor (``_execute``) or dispatching
+#: without a task (``_dispatch``); the runner through ``Runner.run`` or ``Runner.run_now`` (the runner plane).
+PATHS = ["execute-run", "execute-run_now", "dispatch-run_now"]
+
+
+def remote_engine(
+    handler_modules: list[str] | None = None, *, path: str = "execute-run"
+) -> tuple[Engine, WireTransport]:
+    kind = DispatchTransport if path.startswith("dispatch") else WireTransport
+    transport = kind(Runner("runner-1", handler_modules=handler_modules), now=path.endswith("run_now"))
     executor = RemoteExecutor(transport, origin="orch-0")
     transport.executor = executor
     engine = Engine(MemoryEventLog(), MemoryCas())
@@ -65,15 +84,15 @@ async def history(engine: Engine, run_id: str) -> list[ev.Event]:
     return [ev.decode_event(r.data) for r in await engine.log.read(run_id)]
 
 
-@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
-def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: Any, now: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: Any, path: str) -> None:
     import orjson
 
     monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
     document = orjson.loads((EXAMPLES / "w6" / "workflow.json").read_bytes())
 
     async def main() -> None:
-        engine, transport = remote_engine(now=now)
+        engine, transport = remote_engine(path=path)
         run_id = await engine.start_run(document, {"x": 1}, priority="high")
         summary = await engine.wait(run_id)
         assert summary["status"] == "completed" and summary["outputs"] == {"x": 20}
@@ -90,12 +109,12 @@ def test_w6_through_a_runner_computes_the_same_result_exactly_once(monkeypatch: 
     run_async(main())
 
 
-@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
-def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its_frames(now: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its_frames(path: str) -> None:
     doc = workflow([fn("a", "json:loads", retry={"max_attempts": 2, "initial_ms": 1, "max_ms": 2})])
 
     async def main() -> None:
-        engine, _ = remote_engine(now=now)
+        engine, _ = remote_engine(path=path)
         run_id = await engine.start_run(doc, {"s": "x"})
         summary = await engine.wait(run_id)
         assert summary["status"] == "failed"
@@ -108,12 +127,12 @@ def test_a_handler_that_raises_is_recorded_as_a_retryable_handler_error_with_its
     run_async(main())
 
 
-@pytest.mark.parametrize("now", [False, True], ids=["run", "run_now"])
-def test_the_runner_enforces_its_own_handler_allow_list(now: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_the_runner_enforces_its_own_handler_allow_list(path: str) -> None:
     doc = workflow([fn("a", "json:dumps")])
 
     async def main() -> None:
-        engine, _ = remote_engine(handler_modules=["examples"], now=now)
+        engine, _ = remote_engine(handler_modules=["examples"], path=path)
         run_id = await engine.start_run(doc, {})
         summary = await engine.wait(run_id)
         assert summary["status"] == "failed"
@@ -124,11 +143,12 @@ def test_the_runner_enforces_its_own_handler_allow_list(now: bool) -> None:
     run_async(main())
 
 
-def test_a_job_that_never_comes_back_times_out_and_is_retried() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_a_job_that_never_comes_back_times_out_and_is_retried(path: str) -> None:
     doc = workflow([fn("a", timeout_ms=50, retry={"max_attempts": 2, "initial_ms": 1, "max_ms": 2})], [], name="lost")
 
     async def main() -> None:
-        engine, transport = remote_engine()
+        engine, transport = remote_engine(path=path)
         transport.lose = 1  # the second attempt reaches a live runner
         run_id = await engine.start_run(doc, {"v": 1})
         summary = await engine.wait(run_id)
@@ -225,5 +245,80 @@ def test_run_now_answers_sync_handlers_at_once_and_leaves_the_rest_to_run() -> N
         answer = runner.run_now(job("tests.handlers:add_one", deadline_in_s=-1.0))
         assert not isinstance(answer, NodeOutcome)
         assert (await answer).error == {"code": "expired", "message": "the job reached a runner after its deadline"}
+
+    run_async(main())
+
+
+def _count_appends(engine: Engine) -> Counter[str]:
+    """Appends per run, counted around the engine's log."""
+    counts: Counter[str] = Counter()
+    append = engine.log.append
+
+    async def counting(run_id: str, *args: Any, **kwargs: Any) -> Any:
+        counts[run_id] += 1
+        return await append(run_id, *args, **kwargs)
+
+    engine.log.append = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_dispatched_siblings_answered_together_share_one_commit(monkeypatch: Any) -> None:
+    """W6's branches b1 and b2 are answered in the same turn: the dispatch path records both in one step, where
+    awaiting the executor commits once per attempt. Same events, same result."""
+    import orjson
+
+    monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
+    document = orjson.loads((EXAMPLES / "w6" / "workflow.json").read_bytes())
+
+    async def appends(path: str) -> tuple[int, list[str]]:
+        engine, _ = remote_engine(path=path)
+        counts = _count_appends(engine)
+        run_id = await engine.start_run(document, {"x": 1})
+        assert (await engine.wait(run_id))["outputs"] == {"x": 20}
+        kinds = sorted(type(e).__name__ for e in await history(engine, run_id))
+        assert engine.inflight() == 0
+        await engine.close()
+        return counts[run_id], kinds
+
+    async def main() -> None:
+        awaited, awaited_kinds = await appends("execute-run_now")
+        dispatched, dispatched_kinds = await appends("dispatch-run_now")
+        assert dispatched_kinds == awaited_kinds
+        assert dispatched == awaited - 1  # b1 and b2 in one commit
+
+    run_async(main())
+
+
+def test_cancelling_a_run_drops_its_dispatched_attempts() -> None:
+    doc = workflow([fn("a", "tests.handlers:slow")], [], name="slow")
+
+    async def main() -> None:
+        engine, transport = remote_engine(path="dispatch-run_now")
+        run_id = await engine.start_run(doc, {})
+        async with asyncio.timeout(5):
+            while not transport.jobs:  # noqa: ASYNC110 - the transport signals nothing
+                await asyncio.sleep(0.01)
+        assert engine.inflight() == 1
+        await engine.cancel(run_id, "no longer needed")
+        assert engine.inflight() == 0
+        assert transport.executor is not None and transport.executor.pending() == 0
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "cancelled" and summary["nodes"]["a"]["status"] != "completed"
+        await engine.close()
+
+    run_async(main())
+
+
+def test_drain_waits_for_dispatched_attempts_and_records_them() -> None:
+    doc = workflow([fn("a", "tests.handlers:async_double", **{"in": {"x": "inputs.x"}})], [], name="drained")
+
+    async def main() -> None:
+        engine, _ = remote_engine(path="dispatch-run_now")
+        run_id = await engine.start_run(doc, {"x": 4})
+        assert engine.inflight() == 1
+        assert await engine.drain(5.0) is True
+        summary = await engine.wait(run_id)
+        assert summary["status"] == "completed" and summary["outputs"] == {"a": {"x": 8}}
+        await engine.close()
 
     run_async(main())
