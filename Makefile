@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-built
 SOURCES := $(shell find aobd -name '*.py' -o -name '*.pyx' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: run test lint typecheck test-python test-c build bench profile clean promtool
+.PHONY: run test lint typecheck test-python test-c build bench profile profile-planes clean promtool
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ profile: build
 	$(VENV)/bin/py-spy record --nonblocking --gil -r 500 -f raw -o build/w6.spy -- \
 		$(PY) -m perf.w6 --mode inprocess --runs 6000 --concurrency 64 --fidelity full
 	$(PY) -m perf.spy_top build/w6.spy --top 40
+
+# Where the multi-process daemon spends its CPU under W6 over HTTP/2 (needs h2load: apt-get install nghttp2-client).
+profile-planes: build
+	$(PY) -m perf.profile_planes --runs 10000
 
 clean:
 	rm -rf build dist *.egg-info aobd/_fast/*.so aobd/_fast/*.c .pytest_cache .mypy_cache .ruff_cache
