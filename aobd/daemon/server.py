@@ -90,6 +90,20 @@ def log_events(events: list[ev.Event]) -> None:
         getattr(log, level)(kind, run_id=event.run_id, seq=event.seq, **fields)
 
 
+def reload_api(api: Api, config_path: str) -> bool:
+    """SIGHUP: reread ``config_path``; tokens, rate limits, body limits and the log level change live. A file that
+    does not load leaves the running configuration in place (logged). True when the new one took effect."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        log.error("reload failed; keeping the running configuration", error=exc.message)
+        return False
+    api.reload(config)
+    configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
+    log.info("configuration reloaded", tokens=len(config.auth.tokens))
+    return True
+
+
 def make_coordinator(config: Config, service: Service) -> Any:
     """The cluster coordinator of ``[cluster] enabled = true``; the shared stores are a precondition."""
     import os
@@ -184,14 +198,7 @@ class Daemon:
             log.info("reload requested; no config file to reread")
             return
         self.notifier.reloading()
-        try:
-            config = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload failed; keeping the running configuration", error=exc.message)
-        else:
-            self.api.reload(config)
-            configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
-            log.info("configuration reloaded", tokens=len(config.auth.tokens))
+        reload_api(self.api, self.config_path)
         self.notifier.ready("reloaded")
 
     async def run(self) -> int:

@@ -19,7 +19,7 @@ from aobd.api.app import Api
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config
 from aobd.daemon.http import start_granian, stop_granian, wait_listening
-from aobd.daemon.server import is_loopback, split_listen
+from aobd.daemon.server import is_loopback, reload_api, split_listen
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
 from aobd.metrics import Metrics
@@ -33,15 +33,18 @@ __all__ = ["main", "serve"]
 log = structlog.get_logger("aobd.planes.accept")
 
 
-def main(config: Config, index: int) -> int:
-    """Entry point of accept worker ``index``: serve until SIGTERM/SIGINT, then stop; returns the exit status."""
+def main(config: Config, index: int, config_path: str | None = None) -> int:
+    """Entry point of accept worker ``index``: serve until SIGTERM/SIGINT, then stop; returns the exit status.
+    SIGHUP (forwarded by the supervisor: ``systemctl reload aobd``) rereads ``config_path``."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, index))
+        return runner.run(serve(config, index, config_path=config_path))
 
 
-async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    config: Config, index: int, *, stop: asyncio.Event | None = None, config_path: str | None = None
+) -> int:
     """Serve the API until ``stop`` is set (or a SIGTERM/SIGINT when none is given)."""
     host, port = split_listen(config.api.listen)
     if not config.auth.tokens and not is_loopback(host):
@@ -49,6 +52,7 @@ async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None
             f"api.listen is {config.api.listen} but no [[auth.tokens]] are configured: "
             "an open daemon serves loopback only. Configure tokens or listen on 127.0.0.1"
         )
+    owns_signals = stop is None
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -63,6 +67,9 @@ async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None
     # ServiceProxy has the Service's call surface (tests/unit/test_planes_rpc.py compares the signatures); the
     # cast keeps Api typed against the real Service instead of a protocol listing forty members.
     api = Api(cast(Service, proxy), listen=config.api.listen, hub=hub, metrics=metrics)
+    if owns_signals:
+        # Without a handler SIGHUP would end the process: a reload must not cut the requests in flight.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, api, config_path)
     link = ChildLink(config, "accept", index)
     link.start()
     await proxy.start()
@@ -85,3 +92,10 @@ async def serve(config: Config, index: int, *, stop: asyncio.Event | None = None
         await link.close()
         log.info("accept worker stopped", index=index)
     return 0
+
+
+def _reload(api: Api, config_path: str | None) -> None:
+    if config_path is None:
+        log.info("reload requested; no config file to reread")
+        return
+    reload_api(api, config_path)

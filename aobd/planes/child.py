@@ -7,7 +7,8 @@ The supervisor (:mod:`aobd.planes.supervisor`) starts these; they are not meant 
   :class:`ZmqJobTransport`. Without the accept plane it also serves the HTTP API and the admin socket (there is
   then exactly one orchestrator); with it, it resumes only the runs of its shard and serves nothing itself.
 - ``runner``: :class:`aobd.planes.jobs.RunnerLoop`.
-- ``accept`` / ``fanout``: ``aobd.planes.accept.main(config, index)`` and ``aobd.planes.fanout.main(config)``.
+- ``accept`` / ``fanout``: ``aobd.planes.accept.main(config, index, config_path)`` and
+  ``aobd.planes.fanout.main(config)``.
 
 Every child heartbeats to the supervisor and dies with it (PR_SET_PDEATHSIG): an orphaned orchestrator would
 keep driving runs that a restarted daemon also drives.
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "accept":
         from aobd.planes import accept
 
-        return int(accept.main(config, args.index))
+        return int(accept.main(config, args.index, args.config))
     if args.role == "fanout":
         from aobd.planes import fanout
 

@@ -259,3 +259,49 @@ def test_default_layout_survives_a_kill_of_every_child_kind(tmp_path: Path) -> N
             await log.close()
 
     asyncio.run(check())
+
+
+def test_sighup_reloads_tokens_in_the_accept_workers_without_restarting_them(tmp_path: Path) -> None:
+    """`systemctl reload aobd` signals the supervisor, which forwards SIGHUP to the accept workers: each rereads
+    the config file. They must not die of it (SIGHUP's default action) and cut the requests in flight."""
+
+    def tokens(token: str) -> str:
+        return f'[[auth.tokens]]\ntoken = "{token}"\nworkspace = "w"\nrole = "admin"\n'
+
+    layout = "accept_workers = 2\norchestrators = 1\nrunners = 1\n"
+    config = _config(tmp_path / "aobd.toml", 1, layout)
+    base = config.read_text()
+    config.write_text(base + tokens("old-token"))
+    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "info"})
+    try:
+        before = _wait_for(lambda: _up_as(daemon, "old-token"))
+        accept_pids = {c["pid"] for c in before["children"] if c["role"] == "accept"}
+        assert len(accept_pids) == 2 and None not in accept_pids
+        config.write_text(base + tokens("new-token"))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: all(daemon.request("GET", "/v1/runs", token="new-token").status == 200 for _ in range(8)))
+        # Each request is a new connection, which the kernel hands to either worker: both must have reloaded.
+        assert {daemon.request("GET", "/v1/runs", token="new-token").status for _ in range(30)} == {200}
+        assert {daemon.request("GET", "/v1/runs", token="old-token").status for _ in range(30)} == {401}
+        for pid in accept_pids:
+            os.kill(pid, 0)  # still the same processes (a dead, reaped one raises ProcessLookupError)
+        time.sleep(1.5)  # the health table is as of the last heartbeat: let one pass
+        after = _planes_as(daemon, "new-token")
+        assert {c["pid"] for c in after["children"] if c["role"] == "accept"} == accept_pids
+        assert all(c["restarts"] == 0 for c in after["children"])
+    finally:
+        assert daemon.stop() == 0
+    assert daemon.output().count("configuration reloaded") >= 2
+
+
+def _planes_as(daemon: Daemon, token: str) -> dict[str, Any]:
+    reply = daemon.request("GET", "/v1/admin/status", token=token)
+    assert reply.status == 200, reply.body
+    return dict(reply.body["planes"])
+
+
+def _up_as(daemon: Daemon, token: str) -> dict[str, Any] | None:
+    planes = _planes_as(daemon, token)
+    return planes if all(c["state"] == "up" and c["pid"] for c in planes["children"]) else None
