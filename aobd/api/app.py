@@ -144,14 +144,16 @@ class Route:
 class Api:
     """The ASGI callable. ``listen`` is reported by /v1/admin/status."""
 
-    def __init__(self, service: Service, *, listen: str = "", hub: Any = None, metrics: Any = None) -> None:
+    def __init__(
+        self, service: Service, *, listen: str = "", hub: Any = None, metrics: Any = None, limiter: Any = None
+    ) -> None:
         self.service = service
         self.config = service.config
         self.listen = listen
         self.hub = hub
         self.metrics = metrics
         self.auth = Authenticator(self.config.auth.tokens)
-        self.limiter = make_limiter(self.config)
+        self.limiter = limiter if limiter is not None else make_limiter(self.config)
         self._routes = [(r, r.pattern()) for r in ROUTES]
         self._forwarder: Forwarder | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aobd.config import Config, LimitsConfig, TokenConfig
@@ -87,10 +88,11 @@ class RateLimiter:
 
 
 class LocalLimiter:
-    """The API's limiter interface (async ``check``, ``reconfigure``, ``close``) over the in-process buckets."""
+    """The API's limiter interface (async ``check``, ``reconfigure``, ``close``) over this daemon's own buckets
+    (a :class:`RateLimiter`, or the accept workers' shared ones)."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.buckets = RateLimiter(limits)
+    def __init__(self, limits: LimitsConfig, *, buckets: Any = None) -> None:
+        self.buckets = buckets if buckets is not None else RateLimiter(limits)
 
     async def check(self, workspace: str, kind: str) -> None:
         self.buckets.check(workspace, kind)
@@ -99,14 +101,25 @@ class LocalLimiter:
         self.buckets.reconfigure(limits)
 
     async def close(self) -> None:
-        return None
+        close = getattr(self.buckets, "close", None)
+        if close is not None:
+            close()
 
 
-def make_limiter(config: Config) -> Any:
-    """Shared through Redis when ``redis.url`` is set (each daemon limits alone while Redis is down),
-    otherwise in process."""
+def make_limiter(config: Config, *, shared_path: str | Path | None = None) -> Any:
+    """Shared through Redis when ``redis.url`` is set (each daemon limits alone while Redis is down), otherwise
+    in process. With ``shared_path`` (the accept workers of the multi-process daemon), "in process" and "alone"
+    mean in a file every worker of the daemon maps (:mod:`aobd.planes.ratelimit`), so N workers do not grant N
+    times the configured rate."""
+    local: Any
+    if shared_path is not None:
+        from aobd.planes.ratelimit import SharedRateLimiter
+
+        local = SharedRateLimiter(shared_path, config.limits)
+    else:
+        local = RateLimiter(config.limits)
     if not config.redis.url:
-        return LocalLimiter(config.limits)
+        return LocalLimiter(config.limits, buckets=local)
     from aobd.store.redis_cache import RedisRateLimiter
 
-    return RedisRateLimiter(config.redis.url, config.limits, fallback=RateLimiter(config.limits))
+    return RedisRateLimiter(config.redis.url, config.limits, fallback=local)

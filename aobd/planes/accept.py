@@ -16,6 +16,7 @@ from typing import cast
 import structlog
 
 from aobd.api.app import Api
+from aobd.api.auth import make_limiter
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config
 from aobd.daemon.http import start_granian, stop_granian, wait_listening
@@ -23,6 +24,7 @@ from aobd.daemon.server import is_loopback, reload_api, split_listen
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
 from aobd.metrics import Metrics
+from aobd.planes import paths
 from aobd.planes.fanout import FanoutSubscriber
 from aobd.planes.health import ChildLink
 from aobd.planes.rpc import ServiceProxy
@@ -66,7 +68,9 @@ async def serve(
     metrics.track_subscribers(hub.subscriber_count)
     # ServiceProxy has the Service's call surface (tests/unit/test_planes_rpc.py compares the signatures); the
     # cast keeps Api typed against the real Service instead of a protocol listing forty members.
-    api = Api(cast(Service, proxy), listen=config.api.listen, hub=hub, metrics=metrics)
+    paths.ensure_socket_dir(config)
+    limiter = make_limiter(config, shared_path=paths.rate_limits(config))  # one budget for all accept workers
+    api = Api(cast(Service, proxy), listen=config.api.listen, hub=hub, metrics=metrics, limiter=limiter)
     if owns_signals:
         # Without a handler SIGHUP would end the process: a reload must not cut the requests in flight.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, api, config_path)

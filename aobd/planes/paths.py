@@ -69,6 +69,11 @@ def supervisor(config: Config) -> str:
     return _ipc(config, "supervisor")
 
 
+def rate_limits(config: Config) -> Path:
+    """The file the accept workers share their rate-limit buckets in (:mod:`aobd.planes.ratelimit`)."""
+    return socket_dir(config) / "rate-limits"
+
+
 def shard_of(run_id: str, orchestrators: int) -> int:
     """The orchestrator that drives ``run_id`` (stable across restarts: a hash of the id, not of the process)."""
     if orchestrators <= 1:

@@ -305,3 +305,22 @@ def _planes_as(daemon: Daemon, token: str) -> dict[str, Any]:
 def _up_as(daemon: Daemon, token: str) -> dict[str, Any] | None:
     planes = _planes_as(daemon, token)
     return planes if all(c["state"] == "up" and c["pid"] for c in planes["children"]) else None
+
+
+def test_accept_workers_share_one_rate_limit_budget(tmp_path: Path) -> None:
+    """Two accept workers, run_starts_burst = 4 at a trickle of a rate: every connection may land on either worker,
+    and still only four starts of the workspace get through (each worker alone would have granted four)."""
+    layout = "accept_workers = 2\norchestrators = 1\nrunners = 1\n"
+    config = _config(tmp_path / "aobd.toml", 1, layout)
+    config.write_text(
+        config.read_text().replace("run_starts_per_s = 0\n", "run_starts_per_s = 0.01\nrun_starts_burst = 4\n")
+    )
+    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    doc = {"name": "tiny", "nodes": [{"id": "a", "type": "function", "config": {"handler": "builtin:noop"}}]}
+    try:
+        _wait_for(lambda: _all_up(daemon))
+        statuses = [daemon.request("POST", "/v1/runs", {"definition": doc}).status for _ in range(12)]
+    finally:
+        assert daemon.stop() == 0
+    assert statuses.count(201) == 4 and statuses.count(429) == 8, statuses
