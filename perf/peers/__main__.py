@@ -40,6 +40,7 @@ DEFAULT_ONLY = "aobd,aobd-cluster,langgraph,langgraph-no-checkpointer,dbos,dbos-
 #: name -> (runs at --concurrency, runs at concurrency 1); sized for about a minute or two each on 2 cores.
 RUNS: dict[str, tuple[int, int]] = {
     "aobd": (2000, 300),
+    "aobd-fast": (2000, 300),
     "aobd-cluster": (1000, 100),
     "langgraph": (3000, 200),
     "langgraph-no-checkpointer": (3000, 200),
@@ -92,6 +93,11 @@ AOBD_MODES: dict[str, tuple[list[str], str]] = {
         ["--mode", "inprocess"],
         "embedded (perf.w6 --mode inprocess): SQLite event log synchronous=FULL, local CAS; asyncio (uvloop), "
         "C engine.run coroutines on one loop",
+    ),
+    "aobd-fast": (
+        ["--mode", "inprocess", "--fidelity", "fast"],
+        "embedded as above, fast-path fidelity (DESIGN.md section 5): NodeScheduled and NodeStarted are not "
+        "recorded; every completion is still durable before the next node starts",
     ),
     "aobd-cluster": (
         ["--mode", "cluster", "--daemons", "1"],
