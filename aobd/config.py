@@ -149,8 +149,8 @@ AUTO_ORCHESTRATORS_MAX = 4
 class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The multi-process daemon (``aobd serve`` without ``--single-process``): process groups and their cores."""
 
-    #: Orchestrator processes; each drives the runs whose hash of run_id falls in its shard. 0: one per CPU the
-    #: daemon may run on, at most 4 (env AOBD_PLANES_ORCHESTRATORS); see :meth:`orchestrator_count`.
+    #: Orchestrator processes; each drives the runs whose hash of run_id falls in its shard. 0: one on the embedded
+    #: SQLite log, one per CPU (at most 4) on Postgres (env AOBD_PLANES_ORCHESTRATORS); see orchestrator_count().
     orchestrators: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: Runner processes executing function and http node attempts.
     runners: int = 1
@@ -172,16 +172,6 @@ class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Where the planes' ipc sockets live; empty: <data_dir>/planes. A path too long for a unix socket
     #: (107 bytes) falls back to $XDG_RUNTIME_DIR or /tmp, under aobd-<hash of the directory>.
     socket_dir: str = ""
-
-    def orchestrator_count(self) -> int:
-        """How many orchestrators: ``orchestrators``, or for 0 one per CPU this process may run on, at most
-        :data:`AUTO_ORCHESTRATORS_MAX`. The orchestrator's loop is the daemon's busiest (routing, events, the group
-        commit), so sharding runs across cores is what lets the control plane use them; beyond four, embedded
-        SQLite serializes their commits anyway. The supervisor resolves it once and exports it to its children
-        (``AOBD_PLANES_ORCHESTRATORS``), whose own CPU sets may be narrower."""
-        if self.orchestrators > 0:
-            return self.orchestrators
-        return max(1, min(AUTO_ORCHESTRATORS_MAX, len(os.sched_getaffinity(0))))
 
 
 class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -286,6 +276,25 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_DAEMON_ID": ("cluster.daemon_id", str),
     "AOBD_PLANES_ORCHESTRATORS": ("planes.orchestrators", int),
 }
+
+
+def orchestrator_count(config: Config) -> int:
+    """How many orchestrators the multi-process daemon runs: ``planes.orchestrators``, or for 0:
+
+    - on the embedded SQLite log, one. Every orchestrator commits to the same file, and SQLite takes one writer at
+      a time: a second orchestrator halves each group commit, and measured on 2 cores it cost 40% more CPU per
+      node and a worse hop p99 at 64 runs in flight, for 10% more throughput only at 800 (docs/performance.md);
+    - on Postgres, one per CPU this process may run on, at most :data:`AUTO_ORCHESTRATORS_MAX`: their commits do
+      not serialize, and the orchestrator's loop is the daemon's busiest.
+
+    The supervisor resolves it once and exports it to its children (``AOBD_PLANES_ORCHESTRATORS``), whose own
+    CPU sets may be narrower.
+    """
+    if config.planes.orchestrators > 0:
+        return config.planes.orchestrators
+    if config.storage.event_log != "postgres":
+        return 1
+    return max(1, min(AUTO_ORCHESTRATORS_MAX, len(os.sched_getaffinity(0))))
 
 
 def masked(config: Config) -> dict[str, Any]:

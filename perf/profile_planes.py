@@ -1,6 +1,6 @@
 """Where the multi-process daemon spends its CPU under W6 over HTTP/2: py-spy on every child, one summary per role.
 
-    python -m perf.profile_planes [--runs 8000] [--inline] [--top 25]
+    python -m perf.profile_planes [--runs 8000] [--inline] [--connections 64] [--orchestrators N] [--top 25]
 
 Starts the default layout (``perf.w6.start_bench_daemon``), attaches ``py-spy record --nonblocking --gil`` to the
 supervisor and each child, drives ``h2load`` as ``perf.w6 --mode http2`` does, and prints each process's CPU
@@ -38,9 +38,9 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-async def profile(runs: int, inline: bool, top: int, work: Path) -> None:
+async def profile(runs: int, inline: bool, top: int, work: Path, connections: int = 64, orchestrators: int = 0) -> None:
     spy = str(Path(sys.executable).parent / "py-spy")
-    daemon = await start_bench_daemon(work / "data", "full", "multi-accept", inline)
+    daemon = await start_bench_daemon(work / "data", "full", "multi-accept", inline, orchestrators)
     try:
         pids = [p for p in _tree(daemon.proc.pid)]
         roles = {pid: _role(pid) for pid in pids}
@@ -55,7 +55,7 @@ async def profile(runs: int, inline: bool, top: int, work: Path) -> None:
         body = work / "body.json"
         body.write_text(json.dumps({"definition": w6_document(), "inputs": {"x": 1}}))
         h2 = await asyncio.create_subprocess_exec(
-            "h2load", "-n", str(runs), "-c", "64", "-m", "4", "-d", str(body),
+            "h2load", "-n", str(runs), "-c", str(connections), "-m", "4", "-d", str(body),
             "-H", "content-type: application/json", f"{daemon.url}/v1/runs?wait=60",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
@@ -88,16 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=8000)
     parser.add_argument("--inline", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--connections", type=int, default=64, help="h2load connections, 4 streams each")
+    parser.add_argument("--orchestrators", type=int, default=0, help="[planes] orchestrators (0: the default)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the raw profiles in this directory")
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        asyncio.run(profile(args.runs, args.inline, args.top, args.keep))
+        asyncio.run(profile(args.runs, args.inline, args.top, args.keep, args.connections, args.orchestrators))
     else:
         with tempfile.TemporaryDirectory(prefix="aobd-prof-") as tmp:
-            asyncio.run(profile(args.runs, args.inline, args.top, Path(tmp)))
+            asyncio.run(profile(args.runs, args.inline, args.top, Path(tmp), args.connections, args.orchestrators))
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from aobd.config import Config, load_config
+from aobd.config import Config, load_config, orchestrator_count
 from aobd.gctune import tune_gc
 from aobd.log import configure_logging
 
@@ -63,7 +63,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     stores = await open_stores(config)
     daemon = Daemon(config, stores, config_path=config_path, serve_http=not accept, serve_admin=index == 0)
     service = daemon.service
-    n = config.planes.orchestrator_count() if accept else 1
+    n = orchestrator_count(config) if accept else 1
     if n > 1:
         service.owns_run = lambda run_id: paths.shard_of(run_id, n) == index
     transport = ZmqJobTransport(config, index)
@@ -131,7 +131,7 @@ async def runner(config: Config, index: int) -> int:
     await runner_loop.start()
     link.ready = True
     link.start()
-    log.info("runner ready", index=index, credit=runner_loop.credit, orchestrators=config.planes.orchestrator_count())
+    log.info("runner ready", index=index, credit=runner_loop.credit, orchestrators=orchestrator_count(config))
     await stop.wait()
     # The orchestrators drained first (the supervisor's order); what is left in hand finishes or is abandoned.
     await runner_loop.drain(config.daemon.drain_grace_s)

@@ -32,7 +32,7 @@ import msgspec
 import structlog
 import zmq
 
-from aobd.config import Config
+from aobd.config import Config, orchestrator_count
 from aobd.runner import wire
 from aobd.runner.wire import NodeJob, NodeOutcome
 from aobd.runner.worker import Runner
@@ -287,7 +287,7 @@ class RunnerLoop:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        for i in range(self.config.planes.orchestrator_count()):
+        for i in range(orchestrator_count(self.config)):
             sock = self._ctx.socket(zmq.DEALER)
             # A fresh identity per process: the orchestrator tells a restarted runner from the old one by it.
             sock.setsockopt(zmq.IDENTITY, f"r{self.index}.{self.pid}".encode())

@@ -49,7 +49,7 @@ from aobd.api.agent_routes import (
     AgentJobResult,
     LocalAgentJobs,
 )
-from aobd.config import Config, masked
+from aobd.config import Config, masked, orchestrator_count
 from aobd.daemon.service import Caller, Service
 from aobd.engine.driver import new_run_id as mint_run_id
 from aobd.errors import AobdError, NotFound, Unavailable
@@ -297,7 +297,7 @@ class ServiceProxy:
     the orchestrators' agent job queues). ``status`` is a coroutine here (the Api awaits it when it is one).
 
     Args:
-        config: The daemon's config (``planes.orchestrator_count()`` and the socket paths).
+        config: The daemon's config (``orchestrator_count(config)`` and the socket paths).
         log: The event log, read-only use: streams replay history from it.
         endpoints: Overrides the orchestrators' RPC endpoints (tests); default from :mod:`aobd.planes.paths`.
         timeout_s: Per-call limit before Unavailable.
@@ -318,7 +318,7 @@ class ServiceProxy:
         self.ready = False
         self.draining = False
         self.timeout_s = timeout_s
-        count = config.planes.orchestrator_count()
+        count = orchestrator_count(config)
         self.endpoints = endpoints or [paths.orchestrator_rpc(config, i) for i in range(count)]
         self._context: zmq.Context[Any] = context or zmq.Context()
         self._own_context = context is None

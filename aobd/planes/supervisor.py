@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from aobd import __version__
-from aobd.config import Config
+from aobd.config import Config, orchestrator_count
 from aobd.daemon.sdnotify import Notifier
 
 from . import health, paths, shm_ir
@@ -85,7 +85,7 @@ def plan(config: Config) -> list[ChildSpec]:
     control, runner, fanout = tuple(p.control_cpus), tuple(p.runner_cpus), tuple(p.fanout_cpus)
     accept = accept_plane_enabled(config)
     # Without accept workers there is nobody to route a call to another shard: one orchestrator owns every run.
-    orchestrators = p.orchestrator_count() if accept else 1
+    orchestrators = orchestrator_count(config) if accept else 1
     children = [ChildSpec("orchestrator", i, control) for i in range(orchestrators)]
     children += [ChildSpec("runner", i, runner) for i in range(p.runners)]
     if accept:
@@ -134,7 +134,7 @@ class Child:
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, *, env: dict[str, str] | None = None) -> None:
         # Resolved here, once: a child counting its own CPUs would see only those it is pinned to.
-        orchestrators = config.planes.orchestrator_count()
+        orchestrators = orchestrator_count(config)
         planes = msgspec.structs.replace(config.planes, orchestrators=orchestrators)
         config = msgspec.structs.replace(config, planes=planes)
         self.config = config

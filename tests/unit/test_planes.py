@@ -108,23 +108,25 @@ def test_the_plan_without_the_accept_plane_is_one_orchestrator_serving_http() ->
     assert children == [("orchestrator", 0, ()), ("runner", 0, (1,)), ("runner", 1, (1,))]
 
 
-def test_by_default_one_orchestrator_per_usable_cpu_resolved_once_by_the_supervisor() -> None:
+def test_by_default_one_orchestrator_on_sqlite_and_one_per_cpu_on_postgres_resolved_once() -> None:
     import os
 
-    from aobd.config import AUTO_ORCHESTRATORS_MAX, load_config
+    from aobd.config import AUTO_ORCHESTRATORS_MAX, StorageConfig, load_config, orchestrator_count
     from aobd.planes.supervisor import Supervisor
 
     usable = len(os.sched_getaffinity(0))
-    assert PlanesConfig().orchestrator_count() == max(1, min(AUTO_ORCHESTRATORS_MAX, usable))
-    assert PlanesConfig(orchestrators=3).orchestrator_count() == 3
-    supervisor = Supervisor(Config(), None, env={})
-    expected = PlanesConfig().orchestrator_count()
+    postgres = Config(storage=StorageConfig(event_log="postgres"))
+    assert orchestrator_count(Config()) == 1  # the embedded log takes one writer at a time
+    assert orchestrator_count(postgres) == max(1, min(AUTO_ORCHESTRATORS_MAX, usable))
+    assert orchestrator_count(Config(planes=PlanesConfig(orchestrators=3))) == 3
+    supervisor = Supervisor(postgres, None, env={})
+    expected = orchestrator_count(postgres)
     assert supervisor.config.planes.orchestrators == expected
     assert [c.spec.index for c in supervisor.children if c.spec.role == "orchestrator"] == list(range(expected))
     # The children load their config with this variable, so one pinned to a single CPU still agrees.
     assert supervisor.env["AOBD_PLANES_ORCHESTRATORS"] == str(expected)
     child_view = load_config(None, env={"AOBD_PLANES_ORCHESTRATORS": str(expected)})
-    assert child_view.planes.orchestrator_count() == expected
+    assert orchestrator_count(child_view) == expected
 
 
 def test_socket_dir_falls_back_to_a_short_path_when_too_long(tmp_path: Path) -> None:
