@@ -29,7 +29,7 @@ import orjson
 import structlog
 
 from aobd.agents.base import AgentAnswer
-from aobd.errors import AobdError, ConflictError, NodeError, NotFound, WorkflowInvalid
+from aobd.errors import AobdError, ConflictError, NodeError, NotFound, StoreError, WorkflowInvalid
 from aobd.model import events as ev
 from aobd.model.ir import IRCache
 from aobd.model.patch import PatchProposal, http_urls
@@ -119,6 +119,8 @@ class Engine:
         self._runs: dict[str, _RunSlot] = {}
         #: Refs this engine has made durable in the CAS (bounded; blobs are never deleted, so it cannot go stale).
         self._durable_refs: set[str] = set()
+        #: Refs being written to the CAS right now, and the future their writer resolves (see _store_blobs).
+        self._storing: dict[str, asyncio.Future[None]] = {}
         self._inflight = asyncio.Semaphore(max_inflight)
         self.max_inflight = max_inflight
         #: Attempts out through ``dispatch`` (they hold no semaphore slot: this counts them against the limit).
@@ -400,17 +402,50 @@ class Engine:
                 blobs[ref] = orjson.loads(await self.cas.get(ref))
         return RunMachine.from_events(events, base_doc, blobs, ir_cache=self.ir_cache)
 
-    async def _persist(self, slot: _RunSlot, step: Step, *, first: bool = False) -> None:
-        if step.blobs:
-            # Most steps carry blobs stored before (the same inputs and outputs recur across runs): skipping them
-            # here saves re-hashing them in the CAS, or a request to it.
-            durable = self._durable_refs
-            new = [data for ref, data in step.blobs.items() if ref not in durable]
-            if new:
-                await self.cas.put_many(new)
+    async def _store_blobs(self, blobs: dict[str, bytes]) -> None:
+        """Make ``blobs`` durable in the CAS, each once.
+
+        Most steps carry blobs stored before (the same inputs and outputs recur across runs): skipping them saves
+        re-hashing them in the CAS, or a request to it. A blob another step is storing right now is waited for,
+        not written again: when hundreds of runs of a new workflow start at once, they all carry its document and
+        the same first outputs, and each would otherwise write (and fsync) them.
+        """
+        durable, storing = self._durable_refs, self._storing
+        new: dict[str, bytes] = {}
+        waits: set[asyncio.Future[None]] = set()
+        for ref, data in blobs.items():
+            if ref in durable:
+                continue
+            pending = storing.get(ref)
+            if pending is not None:
+                waits.add(pending)
+            else:
+                new[ref] = data
+        if new:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            for ref in new:
+                storing[ref] = done
+            try:
+                await self.cas.put_many(list(new.values()))
+            except BaseException as exc:
+                # The steps waiting for these blobs are not durable either: they fail as this one does.
+                done.set_exception(exc if isinstance(exc, Exception) else StoreError("a blob write was interrupted"))
+                done.exception()  # marks it retrieved; each waiter gets it from its own await
+                raise
+            else:
+                done.set_result(None)
                 if len(durable) >= _DURABLE_REFS_MAX:
                     durable.clear()
-                durable.update(step.blobs)
+                durable.update(new)
+            finally:
+                for ref in new:
+                    storing.pop(ref, None)
+        for pending in waits:
+            await pending
+
+    async def _persist(self, slot: _RunSlot, step: Step, *, first: bool = False) -> None:
+        if step.blobs:
+            await self._store_blobs(step.blobs)
         if not step.events:
             return
         machine = slot.machine
