@@ -12,7 +12,10 @@ takes a per-run value (run id, node id, ticket): every label value comes from a 
 bounded first-come set (:class:`_LabelValues`) whose overflow collapses into ``"_other"``, so a client sending
 made-up workflow names or HTTP methods cannot grow the series count.
 
-Metrics are per process: in the multi-process daemon each process exports its own registry. prometheus_client
+Metrics are per process. In the multi-process daemon each child sends its exposition with its heartbeat, and
+``GET /metrics`` on any accept worker answers with orchestrator 0's merge of all of them
+(:func:`merge_expositions`): counters and histograms summed over processes, per-process runtime metrics labelled
+with their ``plane``, the health table once. prometheus_client
 adds a ``_created`` series beside every counter and histogram unless ``PROMETHEUS_DISABLE_CREATED_SERIES=true``
 (set by ``systemd/aobd.service``); that switch is process-global, so this module leaves it alone.
 """
@@ -487,3 +490,67 @@ class MetricsListener:
             self._pending_gauges[kind].dec()
         if not pending:
             del self._pending[run_id]
+
+
+# ---------------------------------------------------------------------------------------------- the planes' merge
+
+#: Gauges that describe one process each, where the daemon's value is the largest (not the sum).
+_MAX_GAUGES = frozenset(
+    {
+        "aobd_build_info",
+        "aobd_eventlog_last_commit_duration_seconds",
+        "aobd_eventlog_last_batch_size",
+        "aobd_eventlog_max_batch_size",
+    }
+)
+#: Per-process runtime metrics (prometheus_client's process and GC collectors): kept apart, labelled ``plane``.
+_PER_PROCESS_PREFIXES = ("process_", "python_")
+#: The supervisor's health table, which every orchestrator exports alike: taken once.
+_ONCE_PREFIX = "aobd_plane_"
+
+
+def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
+    """One exposition (Prometheus text 0.0.4) for the whole daemon from each process's own: ``parts`` is
+    ``(plane, exposition)`` per process, ``plane`` naming it (``"accept-1"``).
+
+    Counters, histograms, summaries and additive gauges (runs active, queue depth, subscribers) are summed over
+    processes for each label set (``*_created`` series are left out); gauges that describe one process
+    (:data:`_MAX_GAUGES`) take the largest; ``process_*`` and ``python_*`` keep one series per process with a
+    ``plane`` label; ``aobd_plane_*`` (the supervisor's table, the same in every orchestrator) is taken once.
+    """
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for plane, text in parts:
+        for family in text_string_to_metric_families(text.decode("utf-8", "replace")):
+            name = family.name
+            per_process = name.startswith(_PER_PROCESS_PREFIXES)
+            if name.endswith("_created") or (name.startswith(_ONCE_PREFIX) and name in families):
+                continue
+            if name not in families:
+                families[name] = Metric(name, family.documentation, family.type, family.unit)
+                values[name] = {}
+            merged = values[name]
+            for sample in family.samples:
+                pairs = {**sample.labels, "plane": plane} if per_process else sample.labels
+                key = (sample.name, tuple(sorted(pairs.items())))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = sample.value
+                elif name in _MAX_GAUGES:
+                    merged[key] = max(old, sample.value)
+                else:
+                    merged[key] = old + sample.value
+    for name, family in families.items():
+        for (sample_name, label_pairs), value in values[name].items():
+            family.add_sample(sample_name, dict(label_pairs), value)
+
+    class _Merged:
+        def collect(self) -> Iterable[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

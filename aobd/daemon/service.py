@@ -115,6 +115,8 @@ class Service:
         self.owns_run: Callable[[str], bool] | None = None
         #: [planes] The supervisor's health table and this orchestrator's job transport, for ``status()``.
         self.planes_status: Callable[[], dict[str, Any]] | None = None
+        #: [planes] The whole daemon's metrics merged from every process's, for ``metrics_exposition()``.
+        self.planes_metrics: Callable[[], bytes] | None = None
         #: The agent.jobs channel for external runners (claimed over the HTTP API).
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs
@@ -530,6 +532,12 @@ class Service:
         if not await self.meta.owns_ref(caller.workspace, ref):
             raise NotFound(f"no blob {ref} in this workspace")
         return await self.cas.get(ref)
+
+    async def metrics_exposition(self) -> bytes | None:
+        """The whole daemon's metrics (Prometheus text) when this process can see them all (orchestrators of the
+        multi-process daemon: see :func:`aobd.metrics.merge_expositions`); None: the caller's own registry is the
+        daemon's."""
+        return self.planes_metrics() if self.planes_metrics is not None else None
 
     def status(self, listen: str) -> s.Status:
         return s.Status(

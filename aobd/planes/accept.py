@@ -75,6 +75,7 @@ async def serve(
         # Without a handler SIGHUP would end the process: a reload must not cut the requests in flight.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, api, config_path)
     link = ChildLink(config, "accept", index)
+    link.metrics_source = lambda: metrics.render()[0]  # its HTTP metrics join the daemon's /metrics via the beats
     link.start()
     await proxy.start()
     await subscriber.start()

@@ -50,6 +50,7 @@ def die_with_parent() -> None:
 
 async def orchestrator(config: Config, index: int, config_path: str | None) -> int:
     from aobd.daemon.server import Daemon
+    from aobd.metrics import merge_expositions
     from aobd.runner.remote import RemoteExecutor
     from aobd.store.factory import open_stores
 
@@ -84,6 +85,12 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
         "jobs": transport.status(),
     }
     daemon.metrics.track_planes(lambda: link.health)
+    own = f"orchestrator-{index}"
+    link.metrics_source = lambda: daemon.metrics.render()[0]
+    # The other processes' as of their last beat, this one's as of now (aobd.metrics.merge_expositions).
+    service.planes_metrics = lambda: merge_expositions(
+        [(own, daemon.metrics.render()[0]), *((n, t) for n, t in link.children_metrics.items() if n != own)]
+    )
     await transport.start()
     link.start()
     rpc_server: Any = None

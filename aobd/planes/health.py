@@ -3,7 +3,9 @@
 Every child connects a DEALER to :func:`aobd.planes.paths.supervisor` and sends a ``beat`` (:class:`ChildBeat`)
 every :data:`HEARTBEAT_S`. A beat with ``want_health`` set is answered with the supervisor's health table
 (msgpack of :meth:`Supervisor.snapshot`), so an orchestrator's ``/v1/admin/status`` and ``/metrics`` read a copy at
-most one beat old without a request on their own path. When a runner exits, the supervisor tells every
+most one beat old without a request on their own path. Beats carry the child's metrics exposition when it has
+one, and the answer carries every child's (a second frame), from which orchestrator 0 merges the daemon's
+``/metrics`` (:func:`aobd.metrics.merge_expositions`). When a runner exits, the supervisor tells every
 orchestrator at once (``gone``), so its jobs go out again before the heartbeat timeout would notice.
 """
 
@@ -37,6 +39,8 @@ class ChildBeat(msgspec.Struct, frozen=True):
     #: False while the child starts (an orchestrator resuming runs, opening its listeners).
     ready: bool = False
     want_health: bool = False
+    #: The child's metrics (Prometheus text), for the daemon-wide ``/metrics`` (empty: it has none).
+    metrics: bytes = b""
 
 
 class ChildGone(msgspec.Struct, frozen=True):
@@ -48,6 +52,7 @@ class ChildGone(msgspec.Struct, frozen=True):
 encoder = msgspec.msgpack.Encoder()
 beat_decoder = msgspec.msgpack.Decoder(ChildBeat)
 gone_decoder = msgspec.msgpack.Decoder(ChildGone)
+_metrics_decoder = msgspec.msgpack.Decoder(dict[str, bytes])
 
 
 class ChildLink:
@@ -67,8 +72,12 @@ class ChildLink:
         self.want_health = want_health
         self.on_gone = on_gone
         self.ready = False
+        #: Renders this child's metrics for its beats (None: it sends none).
+        self.metrics_source: Callable[[], bytes] | None = None
         #: The supervisor's last health table (empty until the first answer).
         self.health: dict[str, Any] = {}
+        #: Every child's metrics as of its last beat, by ``"<role>-<index>"`` (sent with the health table).
+        self.children_metrics: dict[str, bytes] = {}
         self._address = paths.supervisor(config)
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,7 +91,13 @@ class ChildLink:
 
     async def beat_now(self) -> None:
         if self._sock is not None:
-            beat = ChildBeat(self.role, self.index, os.getpid(), self.ready, self.want_health)
+            metrics = b""
+            if self.metrics_source is not None:
+                try:
+                    metrics = self.metrics_source()
+                except Exception:  # a broken collector must not stop the heartbeat
+                    log.exception("could not render this child's metrics")
+            beat = ChildBeat(self.role, self.index, os.getpid(), self.ready, self.want_health, metrics)
             await self._sock.send_multipart([BEAT, encoder.encode(beat)])
 
     async def _beat(self) -> None:
@@ -93,10 +108,12 @@ class ChildLink:
     async def _receive(self) -> None:
         assert self._sock is not None
         while True:
-            kind, payload = await self._sock.recv_multipart()
+            kind, payload, *more = await self._sock.recv_multipart()
             try:
                 if kind == HEALTH:
                     self.health = msgspec.msgpack.decode(payload)
+                    if more:
+                        self.children_metrics = _metrics_decoder.decode(more[0])
                 elif kind == GONE and self.on_gone is not None:
                     self.on_gone(gone_decoder.decode(payload))
             except msgspec.DecodeError as exc:

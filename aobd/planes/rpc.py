@@ -83,6 +83,7 @@ METHODS = frozenset(
         "decide_approval",
         "get_blob",
         "status",
+        "metrics_exposition",
     }
 )
 
@@ -469,6 +470,11 @@ class ServiceProxy:
         status.draining = status.draining or self.draining
         status.planes = {**status.planes, "accept": {"pid": os.getpid(), "orchestrators": len(self.endpoints)}}
         return status
+
+    async def metrics_exposition(self) -> bytes | None:
+        """The daemon's metrics, merged by orchestrator 0 from every process's last heartbeat (at most a beat old)."""
+        result: bytes | None = await self._call(0, "metrics_exposition")
+        return result
 
     def config_view(self) -> dict[str, Any]:
         return masked(self.config)

@@ -111,6 +111,8 @@ class Child:
     cpus_applied: list[int] = field(default_factory=list)
     identity: bytes = b""
     became_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Its metrics exposition as of its last beat (b"": it sends none).
+    metrics: bytes = b""
 
     @property
     def pid(self) -> int | None:
@@ -217,6 +219,7 @@ class Supervisor:
         """Start the child, and start it again after each exit until the daemon stops."""
         while not self._stopping.is_set():
             child.state, child.ready, child.last_beat, child.exit_code = "starting", False, 0.0, None
+            child.metrics = b""  # a new process counts from zero
             # A session of its own: a terminal's Ctrl-C or a signal to the process group reaches the supervisor
             # only, which then drains in order (children die with it anyway: PR_SET_PDEATHSIG in child.py).
             child.proc = await asyncio.create_subprocess_exec(
@@ -328,8 +331,11 @@ class Supervisor:
             child.ready = beat.ready
             if beat.ready:
                 child.became_ready.set()
+            child.metrics = beat.metrics
             if beat.want_health:
-                await self._sock.send_multipart([identity, health.HEALTH, health.encoder.encode(self.snapshot())])
+                metrics = {f"{c.spec.role}-{c.spec.index}": c.metrics for c in self.children if c.metrics}
+                table = health.encoder.encode(self.snapshot())
+                await self._sock.send_multipart([identity, health.HEALTH, table, health.encoder.encode(metrics)])
             self._maybe_ready()
 
     def _maybe_ready(self) -> None:

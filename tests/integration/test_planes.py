@@ -324,3 +324,50 @@ def test_accept_workers_share_one_rate_limit_budget(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert statuses.count(201) == 4 and statuses.count(429) == 8, statuses
+
+
+def test_metrics_on_any_accept_worker_cover_the_whole_daemon(tmp_path: Path) -> None:
+    """/metrics lands on either accept worker, and must show every process: the runs the orchestrator drove, the
+    requests both workers served, the planes' health and each process's CPU."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    layout = "accept_workers = 2\norchestrators = 1\nrunners = 1\n"
+    daemon = Daemon(
+        tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", 1, layout), single_process=False
+    )
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    doc = {"name": "tiny", "nodes": [{"id": "a", "type": "function", "config": {"handler": "builtin:noop"}}]}
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as resp:  # a new connection: either worker
+            text = resp.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def complete(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
+        started = (("method", "POST"), ("route", "startRun"), ("status", "201"))
+        up = [v for (name, _), v in samples.items() if name == "aobd_plane_up"]
+        return (
+            samples.get(("aobd_runs_started_total", (("workflow", "tiny"),))) == 8
+            and samples.get(("aobd_http_requests_total", started)) == 8
+            and len(up) == 5
+            and set(up) == {1.0}
+        )
+
+    try:
+        _wait_for(lambda: _all_up(daemon))
+        for _ in range(8):
+            assert daemon.request("POST", "/v1/runs?wait=10", {"definition": doc}).status == 201
+        _wait_for(lambda: complete(scrape()), timeout=10)  # the processes' beats are at most a second apart
+        for _ in range(6):  # whichever worker answers
+            samples = scrape()
+            assert complete(samples)
+            planes = {dict(labels)["plane"] for name, labels in samples if name == "process_cpu_seconds_total"}
+            assert {"orchestrator-0", "accept-0", "accept-1"} <= planes
+    finally:
+        assert daemon.stop() == 0

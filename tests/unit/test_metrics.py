@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aobd import __version__, _fast
-from aobd.metrics import OTHER, UNKNOWN, Metrics, MetricsListener
+from aobd.metrics import OTHER, UNKNOWN, Metrics, MetricsListener, merge_expositions
 from aobd.model import events as ev
 from aobd.store.sqlite_log import GroupCommitMetrics
 from tests.conftest import require_services
@@ -349,7 +349,49 @@ def test_exposition_passes_promtool(metrics: Metrics, listener: MetricsListener)
     metrics.observe_request("get_run", "GET", 200, 0.001)
     metrics.observe_rate_limited("acme", "patch")
     body, _ = metrics.render()
-    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False)
-    problems = (result.stdout + result.stderr).decode()
-    assert result.returncode == 0, problems
+    # The multi-process daemon's merge of two such processes (aobd.metrics.merge_expositions) must lint too.
+    merged = merge_expositions([("orchestrator-0", body), ("accept-0", Metrics(impl="c").render()[0])])
+    for exposition in (body, merged):
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60, check=False
+        )
+        problems = (result.stdout + result.stderr).decode()
+        assert result.returncode == 0, problems
     assert problems.strip() == ""
+
+
+def test_the_planes_merge_sums_what_adds_up_and_keeps_each_process_apart_where_it_does_not() -> None:
+    orchestrator, accept_0, accept_1 = Metrics(impl="c"), Metrics(impl="c"), Metrics(impl="c")
+    orchestrator.runs_started.labels("w6").inc(5)
+    orchestrator.runs_active.set(2)
+    for worker, n in ((accept_0, 2), (accept_1, 3)):
+        for _ in range(n):
+            worker.observe_request("startRun", "POST", 201, 0.004)
+    orchestrator.track_planes(lambda: {"children": [{"role": "runner", "index": 0, "pid": 7, "state": "up"}]})
+    other = Metrics(impl="c")
+    other.track_planes(lambda: {"children": [{"role": "runner", "index": 0, "pid": 7, "state": "up"}]})
+    merged = merge_expositions(
+        [
+            ("orchestrator-0", orchestrator.render()[0]),
+            ("orchestrator-1", other.render()[0]),
+            ("accept-0", accept_0.render()[0]),
+            ("accept-1", accept_1.render()[0]),
+        ]
+    ).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merged)
+        for s in family.samples
+    }
+    assert samples[("aobd_runs_started_total", (("workflow", "w6"),))] == 5
+    assert samples[("aobd_runs_active", ())] == 2
+    started = (("method", "POST"), ("route", "startRun"), ("status", "201"))
+    assert samples[("aobd_http_requests_total", started)] == 5  # summed over the accept workers
+    bucket = ("aobd_http_request_duration_seconds_bucket", (("le", "+Inf"), ("method", "POST"), ("route", "startRun")))
+    assert samples[bucket] == 5
+    assert samples[("aobd_plane_up", (("index", "0"), ("role", "runner")))] == 1  # once, not once per orchestrator
+    build = [v for (name, _), v in samples.items() if name == "aobd_build_info"]
+    assert build == [1]
+    planes = {dict(labels)["plane"] for (name, labels) in samples if name == "process_cpu_seconds_total"}
+    assert planes == {"orchestrator-0", "orchestrator-1", "accept-0", "accept-1"}
+    assert "_created" not in merged
