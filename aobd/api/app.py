@@ -499,6 +499,10 @@ async def readyz(api: Api, r: Request) -> Any:
         return Response(s.Health("draining"), 503)
     if not api.service.ready:
         return Response(s.Health("starting"), 503)
+    # The multi-process daemon: its orchestrators and a runner must be up too, not only this process.
+    planes_ready = getattr(api.service, "planes_ready", None)
+    if planes_ready is not None and not planes_ready():
+        return Response(s.Health("starting"), 503)
     return s.Health("ok")
 
 

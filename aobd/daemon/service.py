@@ -117,6 +117,8 @@ class Service:
         self.planes_status: Callable[[], dict[str, Any]] | None = None
         #: [planes] The whole daemon's metrics merged from every process's, for ``metrics_exposition()``.
         self.planes_metrics: Callable[[], bytes] | None = None
+        #: [planes] Whether the other processes this one needs are up (``/readyz``); None: nothing else to wait for.
+        self.planes_ready: Callable[[], bool] | None = None
         #: The agent.jobs channel for external runners (claimed over the HTTP API).
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs

@@ -26,7 +26,7 @@ from aobd.errors import ConfigError
 from aobd.metrics import Metrics
 from aobd.planes import paths
 from aobd.planes.fanout import FanoutSubscriber
-from aobd.planes.health import ChildLink
+from aobd.planes.health import ChildLink, planes_ready
 from aobd.planes.rpc import ServiceProxy
 from aobd.store.factory import open_stores
 
@@ -74,7 +74,8 @@ async def serve(
     if owns_signals:
         # Without a handler SIGHUP would end the process: a reload must not cut the requests in flight.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, api, config_path)
-    link = ChildLink(config, "accept", index)
+    link = ChildLink(config, "accept", index, want_health=True)
+    proxy.planes_ready = lambda: planes_ready(link.health)  # /readyz: ready when the daemon behind it is
     link.metrics_source = lambda: metrics.render()[0]  # its HTTP metrics join the daemon's /metrics via the beats
     link.start()
     await proxy.start()

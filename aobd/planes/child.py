@@ -55,7 +55,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     from aobd.store.factory import open_stores
 
     from . import paths
-    from .health import ChildLink
+    from .health import ChildLink, planes_ready
     from .jobs import ZmqJobTransport
     from .shm_ir import SharedDocuments, namespace_of
     from .supervisor import accept_plane_enabled
@@ -85,6 +85,8 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
         "jobs": transport.status(),
     }
     daemon.metrics.track_planes(lambda: link.health)
+    if not accept:  # this orchestrator serves HTTP itself: /readyz waits for a runner as well
+        service.planes_ready = lambda: planes_ready(link.health, orchestrators=False)
     own = f"orchestrator-{index}"
     link.metrics_source = lambda: daemon.metrics.render()[0]
     # The other processes' as of their last beat, this one's as of now (aobd.metrics.merge_expositions).

@@ -55,6 +55,19 @@ gone_decoder = msgspec.msgpack.Decoder(ChildGone)
 _metrics_decoder = msgspec.msgpack.Decoder(dict[str, bytes])
 
 
+def planes_ready(health: dict[str, Any], *, orchestrators: bool = True) -> bool:
+    """Whether the daemon can take runs, by the supervisor's table: every orchestrator ready (unless
+    ``orchestrators`` is False: an orchestrator asking about the others) and at least one runner ready when the
+    layout has runners. False until the first table arrives."""
+    children = health.get("children") or []
+    if not children:
+        return False
+    if orchestrators and not all(c["ready"] for c in children if c["role"] == "orchestrator"):
+        return False
+    runners = [c for c in children if c["role"] == "runner"]
+    return not runners or any(c["ready"] for c in runners)
+
+
 class ChildLink:
     """A child's side: heartbeats (with readiness), the latest health table, and ``gone`` notices."""
 

@@ -317,6 +317,8 @@ class ServiceProxy:
         self.log = log
         self.agent_jobs = RemoteAgentJobs(self)
         self.ready = False
+        #: Whether the orchestrators and a runner are up (set by the accept worker from the health table).
+        self.planes_ready: Callable[[], bool] | None = None
         self.draining = False
         self.timeout_s = timeout_s
         count = orchestrator_count(config)

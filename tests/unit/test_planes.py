@@ -160,3 +160,19 @@ def test_shared_documents_are_published_once_by_version_and_cleaned_up(tmp_path:
         reader.close()
         assert shm_ir.cleanup(namespace) == 2
     assert shm_ir.SharedDocuments(namespace).get("sha256:" + "ab" * 32) is None
+
+
+def test_the_daemon_is_ready_when_its_orchestrators_and_a_runner_are() -> None:
+    from aobd.planes.health import planes_ready
+
+    def table(*children: tuple[str, int, bool]) -> dict[str, object]:
+        return {"children": [{"role": r, "index": i, "ready": ok} for r, i, ok in children]}
+
+    up = table(("orchestrator", 0, True), ("orchestrator", 1, True), ("runner", 0, False), ("runner", 1, True))
+    assert planes_ready(up)
+    assert not planes_ready({})  # no table yet: not ready
+    assert not planes_ready(table(("orchestrator", 0, True), ("orchestrator", 1, False), ("runner", 0, True)))
+    assert not planes_ready(table(("orchestrator", 0, True), ("runner", 0, False)))  # nobody to run function nodes
+    # An orchestrator asking about the rest (it serves HTTP itself and knows its own state).
+    assert planes_ready(table(("orchestrator", 0, False), ("runner", 0, True)), orchestrators=False)
+    assert planes_ready(table(("orchestrator", 0, True), ("fanout", 0, True)))  # no runner plane configured
