@@ -553,9 +553,7 @@ class Engine:
                         part = machine.node_completed(
                             job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
                         )
-                    step.events += part.events
-                    step.blobs.update(part.blobs)
-                    step.effects += part.effects
+                    step.extend(part)
                 await self._persist_live(slot, step)
                 jobs = self._perform(slot, step, collect=True)
 
@@ -637,9 +635,7 @@ class Engine:
                     part = machine.node_completed(
                         job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
                     )
-                step.events += part.events
-                step.blobs.update(part.blobs)
-                step.effects += part.effects
+                step.extend(part)
             await self._commit(slot, step)
 
     async def _settle(self, slot: _RunSlot, job: Dispatch, result: Any, started: float) -> None:

@@ -47,3 +47,9 @@ class Step:
     events: list[Event] = field(default_factory=list)
     blobs: dict[str, bytes] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
+
+    def extend(self, later: Step) -> None:
+        """Fold ``later`` (a step the machine took after this one) into this one, to be committed together."""
+        self.events += later.events
+        self.blobs.update(later.blobs)
+        self.effects += later.effects

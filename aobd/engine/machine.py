@@ -777,9 +777,7 @@ class RunMachine:
         )
         if decision:
             decided = self.decide_approval(ticket, decision, "system:escalation", f"escalation step {index + 1}", now)
-            step.events += decided.events
-            step.blobs.update(decided.blobs)
-            step.effects += decided.effects
+            step.extend(decided)
         return step
 
     def wake(self, kind: str, node_id: str, attempt: int, now: float) -> Step:

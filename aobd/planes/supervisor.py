@@ -333,9 +333,11 @@ class Supervisor:
                 child.became_ready.set()
             child.metrics = beat.metrics
             if beat.want_health:
-                metrics = {f"{c.spec.role}-{c.spec.index}": c.metrics for c in self.children if c.metrics}
-                table = health.encoder.encode(self.snapshot())
-                await self._sock.send_multipart([identity, health.HEALTH, table, health.encoder.encode(metrics)])
+                frames = [identity, health.HEALTH, health.encoder.encode(self.snapshot())]
+                if child.spec.role == "orchestrator":  # they merge the daemon's /metrics; accept workers ask them
+                    metrics = {f"{c.spec.role}-{c.spec.index}": c.metrics for c in self.children if c.metrics}
+                    frames.append(health.encoder.encode(metrics))
+                await self._sock.send_multipart(frames)
             self._maybe_ready()
 
     def _maybe_ready(self) -> None:
