@@ -322,3 +322,24 @@ def test_drain_waits_for_dispatched_attempts_and_records_them() -> None:
         await engine.close()
 
     run_async(main())
+
+
+def test_releasing_a_run_forgets_its_dispatched_attempts_and_drops_their_late_outcomes() -> None:
+    """A run whose partition moved to another daemon: this engine stops waiting for its attempts at once, and an
+    outcome that still arrives is not recorded here (the new owner runs the attempt again)."""
+    doc = workflow([fn("a", "tests.handlers:slow")], [], name="moved")
+
+    async def main() -> None:
+        engine, transport = remote_engine(path="dispatch-run_now")
+        run_id = await engine.start_run(doc, {})
+        async with asyncio.timeout(5):
+            while not transport.jobs:  # noqa: ASYNC110 - the transport signals nothing
+                await asyncio.sleep(0.01)
+        assert engine.release(run_id) is True
+        assert engine.inflight() == 0 and not engine.drives(run_id)
+        late = NodeOutcome(transport.jobs[0].job_id, run_id, "a", 1, True, "late")
+        assert transport.executor is not None and transport.executor.deliver(late) is False
+        assert not [e for e in await history(engine, run_id) if isinstance(e, ev.NodeCompleted)]
+        await engine.close()
+
+    run_async(main())
