@@ -6,6 +6,7 @@ Figures are never asserted (shared, noisy machines); only that every run complet
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,16 @@ def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str, inline:
     )
     assert result["completed"] == 30
     assert result["inline_sync_handlers"] is inline
+    assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is missing (apt-get install nghttp2-client)")
+def test_w6_over_http2_reports_runs_hops_and_the_daemons_cpu() -> None:
+    result = harness(
+        "perf.w6", "--mode", "http2", "--processes", "multi-accept", "--runs", "40", "--concurrency", "2", "--json"
+    )
+    assert result["completed"] == 40 and result["orchestrators"] == "auto"
+    assert result["hop_p50_ms"] is not None and result["hop_p99_ms"] >= result["hop_p50_ms"]
     assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0
 
 
