@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from perf.spy_top import summarize
-from perf.w6 import _tree, start_bench_daemon, w6_document
+from perf.w6 import _tree, process_cpu_seconds, start_bench_daemon, w6_document
 
 
 def _role(pid: int) -> str:
@@ -32,19 +32,13 @@ def _role(pid: int) -> str:
     return "supervisor"
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / 100.0
-
-
 async def profile(runs: int, inline: bool, top: int, work: Path, connections: int = 64, orchestrators: int = 0) -> None:
     spy = str(Path(sys.executable).parent / "py-spy")
     daemon = await start_bench_daemon(work / "data", "full", "multi-accept", inline, orchestrators)
     try:
-        pids = [p for p in _tree(daemon.proc.pid)]
+        pids = _tree(daemon.proc.pid)
         roles = {pid: _role(pid) for pid in pids}
-        before = {pid: _cpu_seconds(pid) for pid in pids}
+        before = {pid: process_cpu_seconds(pid) for pid in pids}
         spies = {}
         for pid in pids:
             command = [spy, "record", "--nonblocking", "--gil", "-r", "250", "-f", "raw", "-p", str(pid)]
@@ -60,7 +54,7 @@ async def profile(runs: int, inline: bool, top: int, work: Path, connections: in
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out = (await h2.communicate())[0].decode()
-        after = {pid: _cpu_seconds(pid) for pid in pids}
+        after = {pid: process_cpu_seconds(pid) for pid in pids}
         for proc in spies.values():
             proc.send_signal(signal.SIGINT)
         for proc in spies.values():

@@ -66,19 +66,20 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process tree, as /proc counts it."""
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of one process, as /proc counts it; 0 for a process that is gone."""
     import os
 
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in _tree(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process tree, as /proc counts it."""
+    return sum(process_cpu_seconds(pid) for pid in _tree(root))
 
 
 def tree_peak_rss_mb(root: int) -> float:
@@ -230,10 +231,7 @@ async def run_http(
             elapsed = time.perf_counter() - started
             daemon_cpu = tree_cpu_seconds(root) - cpu_before if root else None
             daemon_rss = tree_peak_rss_mb(root) if root else None
-            hops: list[float] = []
-            for run_id in [r for r in run_ids if r][:: max(1, len(run_ids) // 200)]:
-                async with http.get(f"{url}/v1/runs/{run_id}/events") as resp:
-                    hops.extend(_event_hops(await resp.json()))
+            hops = await _hops_of(http, url, [r for r in run_ids if r])
     finally:
         if daemon is not None:
             await asyncio.to_thread(daemon.stop)
@@ -346,17 +344,22 @@ def _h2load_seconds(output: str) -> float:
     return float(text)
 
 
-async def _sampled_hops(url: str, runs: int, sample: int = 200) -> list[float]:
-    """Hop latencies of ``sample`` runs spread evenly over the daemon's last ``runs`` runs."""
+async def _sampled_hops(url: str, runs: int) -> list[float]:
+    """Hop latencies of runs spread evenly over the daemon's last ``runs`` runs (see :func:`_hops_of`)."""
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{url}/v1/runs?limit={min(runs, 10_000)}") as resp:
             run_ids = [r["run_id"] for r in await resp.json()]
-        hops: list[float] = []
-        for run_id in run_ids[:: max(1, len(run_ids) // sample)]:
-            async with http.get(f"{url}/v1/runs/{run_id}/events") as resp:
-                hops.extend(_event_hops(await resp.json()))
+        return await _hops_of(http, url, run_ids)
+
+
+async def _hops_of(http: Any, url: str, run_ids: list[str], sample: int = 200) -> list[float]:
+    """Hop latencies from the events of ``sample`` of ``run_ids``, spread evenly over them."""
+    hops: list[float] = []
+    for run_id in run_ids[:: max(1, len(run_ids) // sample)]:
+        async with http.get(f"{url}/v1/runs/{run_id}/events") as resp:
+            hops.extend(_event_hops(await resp.json()))
     return hops
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from aobd.config import Config, LimitsConfig, TokenConfig
 from aobd.daemon.service import Caller
-from aobd.errors import RateLimited, Unauthorized
+from aobd.errors import Unauthorized
+from aobd.tokenbucket import rate_limited, rates_of, take_token
 
 
 class Authenticator:
@@ -61,10 +62,7 @@ class RateLimiter:
         self.reconfigure(limits)
 
     def reconfigure(self, limits: LimitsConfig) -> None:
-        self._rates = {
-            "run_start": (limits.run_starts_per_s, limits.run_starts_burst),
-            "patch": (limits.patches_per_s, limits.patches_burst),
-        }
+        self._rates = rates_of(limits)
 
     def check(self, workspace: str, kind: str) -> None:
         rate, burst = self._rates[kind]
@@ -74,17 +72,10 @@ class RateLimiter:
         bucket = self._buckets.get((workspace, kind))
         if bucket is None:
             bucket = self._buckets[(workspace, kind)] = _Bucket(float(burst), now)
-        bucket.level = min(float(burst), bucket.level + (now - bucket.stamp) * rate)
+        allowed, bucket.level = take_token(bucket.level, bucket.stamp, now, rate, burst)
         bucket.stamp = now
-        if bucket.level < 1.0:
-            wait = (1.0 - bucket.level) / rate
-            raise RateLimited(
-                f"workspace {workspace!r} exceeds {rate:g} {kind.replace('_', ' ')}s per second",
-                retry_after_s=wait,
-                workspace=workspace,
-                kind=kind,
-            )
-        bucket.level -= 1.0
+        if not allowed:
+            raise rate_limited(workspace, kind, rate, (1.0 - bucket.level) / rate)
 
 
 class LocalLimiter:

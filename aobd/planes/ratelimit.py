@@ -27,9 +27,9 @@ import xxhash
 
 from aobd.api.auth import RateLimiter
 from aobd.config import LimitsConfig
-from aobd.errors import RateLimited
+from aobd.tokenbucket import rate_limited, rates_of, take_token
 
-__all__ = ["SLOTS", "SharedLimiter", "SharedRateLimiter"]
+__all__ = ["SLOTS", "SharedRateLimiter"]
 
 log = structlog.get_logger("aobd.planes.ratelimit")
 
@@ -57,10 +57,7 @@ class SharedRateLimiter:
         self.reconfigure(limits)
 
     def reconfigure(self, limits: LimitsConfig) -> None:
-        self._rates = {
-            "run_start": (limits.run_starts_per_s, limits.run_starts_burst),
-            "patch": (limits.patches_per_s, limits.patches_burst),
-        }
+        self._rates = rates_of(limits)
         self._overflow.reconfigure(limits)
 
     def check(self, workspace: str, kind: str) -> None:
@@ -80,16 +77,10 @@ class SharedRateLimiter:
             now = self._clock()
             if stored != key or now < stamp:  # a new bucket, or one from before a reboot (the clock restarted)
                 level, stamp = float(burst), now
-            level = min(float(burst), level + (now - stamp) * rate)
-            allowed = level >= 1.0
-            _SLOT.pack_into(self._map, offset, key, level - 1.0 if allowed else level, now)
+            allowed, level = take_token(level, stamp, now, rate, burst)
+            _SLOT.pack_into(self._map, offset, key, level, now)
         if not allowed:
-            raise RateLimited(
-                f"workspace {workspace!r} exceeds {rate:g} {kind.replace('_', ' ')}s per second",
-                retry_after_s=(1.0 - level) / rate,
-                workspace=workspace,
-                kind=kind,
-            )
+            raise rate_limited(workspace, kind, rate, (1.0 - level) / rate)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -114,19 +105,3 @@ class SharedRateLimiter:
             yield
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-
-class SharedLimiter:
-    """The API's limiter interface (async ``check``, ``reconfigure``, ``close``) over :class:`SharedRateLimiter`."""
-
-    def __init__(self, path: str | Path, limits: LimitsConfig) -> None:
-        self.buckets = SharedRateLimiter(path, limits)
-
-    async def check(self, workspace: str, kind: str) -> None:
-        self.buckets.check(workspace, kind)
-
-    def reconfigure(self, limits: LimitsConfig) -> None:
-        self.buckets.reconfigure(limits)
-
-    async def close(self) -> None:
-        self.buckets.close()

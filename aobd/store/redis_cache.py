@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import structlog
 
 from aobd.config import LimitsConfig
-from aobd.errors import ConfigError, RateLimited, Unavailable
+from aobd.errors import ConfigError, Unavailable
+from aobd.tokenbucket import rate_limited, rates_of
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -267,10 +268,7 @@ class RedisRateLimiter:
 
     def reconfigure(self, limits: LimitsConfig) -> None:
         """Take new rates and bursts (SIGHUP) without reconnecting; buckets keep their levels."""
-        self._rates = {
-            "run_start": (limits.run_starts_per_s, limits.run_starts_burst),
-            "patch": (limits.patches_per_s, limits.patches_burst),
-        }
+        self._rates = rates_of(limits)
 
     async def check(self, workspace: str, kind: str) -> None:
         """Take one token from the bucket of (``workspace``, ``kind``), shared by every daemon.
@@ -301,12 +299,7 @@ class RedisRateLimiter:
             self.fallback.check(workspace, kind)
             return
         if wait_us > 0:
-            raise RateLimited(
-                f"workspace {workspace!r} exceeds {rate:g} {kind.replace('_', ' ')}s per second",
-                retry_after_s=wait_us / 1_000_000,
-                workspace=workspace,
-                kind=kind,
-            )
+            raise rate_limited(workspace, kind, rate, wait_us / 1_000_000)
 
     async def close(self) -> None:
         if self._owns_client:

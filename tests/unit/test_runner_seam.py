@@ -289,15 +289,19 @@ def test_dispatched_siblings_answered_together_share_one_commit(monkeypatch: Any
     run_async(main())
 
 
-def test_cancelling_a_run_drops_its_dispatched_attempts() -> None:
-    doc = workflow([fn("a", "tests.handlers:slow")], [], name="slow")
+async def _slow_attempt_out(name: str) -> tuple[Engine, WireTransport, str]:
+    """A dispatched run whose only attempt (a handler that sleeps 5 s) has reached the runner."""
+    engine, transport = remote_engine(path="dispatch-run_now")
+    run_id = await engine.start_run(workflow([fn("a", "tests.handlers:slow")], [], name=name), {})
+    async with asyncio.timeout(5):
+        while not transport.jobs:  # noqa: ASYNC110 - the transport signals nothing
+            await asyncio.sleep(0.01)
+    return engine, transport, run_id
 
+
+def test_cancelling_a_run_drops_its_dispatched_attempts() -> None:
     async def main() -> None:
-        engine, transport = remote_engine(path="dispatch-run_now")
-        run_id = await engine.start_run(doc, {})
-        async with asyncio.timeout(5):
-            while not transport.jobs:  # noqa: ASYNC110 - the transport signals nothing
-                await asyncio.sleep(0.01)
+        engine, transport, run_id = await _slow_attempt_out("slow")
         assert engine.inflight() == 1
         await engine.cancel(run_id, "no longer needed")
         assert engine.inflight() == 0
@@ -327,14 +331,9 @@ def test_drain_waits_for_dispatched_attempts_and_records_them() -> None:
 def test_releasing_a_run_forgets_its_dispatched_attempts_and_drops_their_late_outcomes() -> None:
     """A run whose partition moved to another daemon: this engine stops waiting for its attempts at once, and an
     outcome that still arrives is not recorded here (the new owner runs the attempt again)."""
-    doc = workflow([fn("a", "tests.handlers:slow")], [], name="moved")
 
     async def main() -> None:
-        engine, transport = remote_engine(path="dispatch-run_now")
-        run_id = await engine.start_run(doc, {})
-        async with asyncio.timeout(5):
-            while not transport.jobs:  # noqa: ASYNC110 - the transport signals nothing
-                await asyncio.sleep(0.01)
+        engine, transport, run_id = await _slow_attempt_out("moved")
         assert engine.release(run_id) is True
         assert engine.inflight() == 0 and not engine.drives(run_id)
         late = NodeOutcome(transport.jobs[0].job_id, run_id, "a", 1, True, "late")

@@ -23,6 +23,20 @@ def _endpoint(tmp_path: Path, name: str) -> str:
     return f"ipc://{tmp_path}/{name}"
 
 
+def _echo_server(context: Any, endpoint: str, suffix: bytes = b"") -> LoopSocket:
+    """A ROUTER bound at ``endpoint`` answering every request from inside its handler: the body, plus ``suffix``."""
+    router = context.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    server: LoopSocket | None = None
+
+    def answer(frames: list[bytes]) -> None:
+        assert server is not None
+        server.send([frames[0], frames[1] + suffix])
+
+    server = LoopSocket(router, answer)
+    return server
+
+
 async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
     """Poll: the conditions are counters bumped by the sockets' callbacks, which signal nothing of their own."""
     async with asyncio.timeout(timeout_s):
@@ -57,15 +71,7 @@ def test_a_request_reply_storm_with_sends_from_the_handlers_never_stalls(context
     total, in_flight = 20_000, 64
 
     async def main() -> int:
-        router = context.socket(zmq.ROUTER)
-        router.bind(_endpoint(tmp_path, "storm"))
-        server: LoopSocket | None = None
-
-        def answer(frames: list[bytes]) -> None:
-            assert server is not None
-            server.send([frames[0], frames[1] + b"!"])
-
-        server = LoopSocket(router, answer)
+        server = _echo_server(context, _endpoint(tmp_path, "storm"), suffix=b"!")
         dealer = context.socket(zmq.DEALER)
         dealer.connect(_endpoint(tmp_path, "storm"))
         sent = received = 0
@@ -98,15 +104,7 @@ def test_sends_from_a_task_do_not_swallow_the_edge_of_waiting_replies(context: A
     total, window = 20_000, 64
 
     async def main() -> int:
-        router = context.socket(zmq.ROUTER)
-        router.bind(_endpoint(tmp_path, "edge"))
-        server: LoopSocket | None = None
-
-        def answer(frames: list[bytes]) -> None:
-            assert server is not None
-            server.send(frames)
-
-        server = LoopSocket(router, answer)
+        server = _echo_server(context, _endpoint(tmp_path, "edge"))
         received = 0
         room = asyncio.Event()
 
