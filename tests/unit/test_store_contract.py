@@ -566,6 +566,81 @@ def test_sqlite_list_runs_and_unfinished_use_indexes(tmp_path: Path) -> None:
         conn.close()
 
 
+def test_sqlite_a_conflict_in_a_batched_group_fails_only_its_append(tmp_path: Path) -> None:
+    """A group of distinct runs goes in with one statement per kind of write; when a row count says an append did
+    not apply, the group is replayed append by append and only that append conflicts."""
+    path = tmp_path / "events.db"
+
+    async def body(log: SqliteEventLog) -> None:
+        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 1)) for i in range(300)))
+        blocker = _hold_write_lock(path)
+        try:
+            plain = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 2, 2))) for i in range(1, 300)]
+            stale = asyncio.ensure_future(log.append("r0", recs("r0", 3, 1)))  # r0 is at seq 1: a gap
+            created = [asyncio.ensure_future(log.append(run_id, recs(run_id, 1, 1))) for run_id in ("n1", "n2")]
+            await asyncio.sleep(0.05)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert await asyncio.gather(*plain) == [None] * 299
+        with pytest.raises(ConflictError):
+            await stale
+        assert await asyncio.gather(*created) == [None, None]
+        for i in range(1, 300):
+            assert await log.last_seq(f"r{i}") == 3
+        assert await log.read("r0") == recs("r0", 1, 1)
+        assert await log.read("r299") == recs("r299", 1, 3)
+        m = log.metrics
+        assert (m.conflicts, m.failures) == (1, 0)
+
+    run(lambda: SqliteEventLog(path), body)
+
+
+def test_sqlite_new_run_that_exists_conflicts_inside_a_batched_group(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def body(log: SqliteEventLog) -> None:
+        await log.append("old", recs("old", 1, 2))
+        blocker = _hold_write_lock(path)
+        try:
+            new = [asyncio.ensure_future(log.append(f"n{i}", recs(f"n{i}", 1, 1))) for i in range(20)]
+            dup = asyncio.ensure_future(log.append("old", recs("old", 1, 1)))
+            status = asyncio.ensure_future(log.append("old", recs("old", 3, 1), index=RunIndex(status="completed")))
+            await asyncio.sleep(0.05)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert await asyncio.gather(*new) == [None] * 20
+        with pytest.raises(ConflictError):
+            await dup
+        assert await status is None
+        info = await log.get_run("old")
+        assert info is not None and info.status == "completed" and info.last_seq == 3
+
+    run(lambda: SqliteEventLog(path), body)
+
+
+def test_sqlite_batched_advance_looks_runs_up_by_key(tmp_path: Path) -> None:
+    """The multi-row UPDATE ... FROM (VALUES ...) must drive from its rows and search runs by key; a scan of runs
+    would make every commit O(stored runs)."""
+    from aobd.store.sqlite_log import _ADVANCE_SEQS
+
+    path = tmp_path / "events.db"
+
+    async def body(log: SqliteEventLog) -> None:
+        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 1)) for i in range(2000)))
+
+    run(lambda: SqliteEventLog(path), body)
+    conn = sqlite3.connect(path)
+    try:
+        for size, sql in _ADVANCE_SEQS[1]:
+            plan = [str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ["r1", 1, 2, 0.0] * size)]
+            assert any(step.startswith("SEARCH runs USING INDEX") for step in plan), (size, plan)
+            assert not any(step.startswith("SCAN runs") for step in plan), (size, plan)
+    finally:
+        conn.close()
+
+
 # -- local CAS specifics -------------------------------------------------------------------------------------
 
 
