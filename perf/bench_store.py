@@ -1,7 +1,9 @@
 """Throughput of the embedded stores: ``python -m perf.bench_store [--help]``.
 
 SqliteEventLog: N coroutines each append to their own run in a loop for a fixed time (group commit lets many
-appends share one fsync, so appends/s should grow with N). LocalCas: small blobs stored one ``put`` at a time,
+appends share one fsync, so appends/s should grow with N). With ``--appends-per-run K`` each coroutine moves to a
+new run after K appends, as the engine's steps do (W6: seven appends of about three records per run), so the
+run index keeps growing instead of holding N runs. LocalCas: small blobs stored one ``put`` at a time,
 as concurrent ``put`` calls, and by ``put_many``. Every figure is the median of a few repeats on fresh files.
 Results depend on the disk's fsync latency, so the data directory is printed with them.
 """
@@ -25,15 +27,20 @@ from aobd.store.protocols import EventRecord, RunIndex
 from aobd.store.sqlite_log import SqliteEventLog
 
 
-async def bench_log(work: Path, *, appenders: int, duration: float, records: int) -> dict[str, float]:
+async def bench_log(
+    work: Path, *, appenders: int, duration: float, records: int, appends_per_run: int = 0
+) -> dict[str, float]:
     payload, per_append = b"x" * 200, records
     async with SqliteEventLog(work / "events.db") as log:
         counts = [0] * appenders
         deadline = time.perf_counter() + duration
 
         async def appender(i: int) -> None:
-            run_id, seq = f"run{i}", 0
+            run_id, seq, runs = f"run{i}", 0, 0
             while time.perf_counter() < deadline:
+                if appends_per_run and seq == appends_per_run * per_append:
+                    runs += 1
+                    run_id, seq = f"run{i}.{runs}", 0
                 batch = [
                     EventRecord(run_id, s, "NodeCompleted", time.time(), payload)
                     for s in range(seq + 1, seq + 1 + per_append)
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--appenders", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--records", type=int, default=2, help="records (200 B each) per append")
+    parser.add_argument(
+        "--appends-per-run", type=int, default=0, help="start a new run after this many appends (0: one run each)"
+    )
     parser.add_argument("--blobs", type=int, default=1000, help="200 B blobs per CAS measurement")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's loop")
     args = parser.parse_args(argv)
@@ -131,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
                 median_of(
                     args.repeats,
                     data_dir,
-                    functools.partial(bench_log, appenders=n, duration=args.duration, records=args.records),
+                    functools.partial(
+                        bench_log,
+                        appenders=n,
+                        duration=args.duration,
+                        records=args.records,
+                        appends_per_run=args.appends_per_run,
+                    ),
                     run,
                 ),
             )
