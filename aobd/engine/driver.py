@@ -687,12 +687,12 @@ class Engine:
             slot.done = asyncio.get_running_loop().create_future()
         if not slot.done.done():
             slot.done.set_result(slot.machine.status)
-        # Finished runs leave memory once their waiters have the summary; loading rebuilds from the log.
-        asyncio.get_running_loop().call_later(5.0, self._forget, slot.machine.run_id, slot)
-
-    def _forget(self, run_id: str, slot: _RunSlot) -> None:
-        if self._runs.get(run_id) is slot and slot.machine.status != "running":
-            del self._runs[run_id]
+        # A finished run leaves memory at once: its waiters hold the slot and read the summary from it, and a later
+        # load rebuilds it from the log. Kept for a while instead (it was 5 s), finished runs piled up at the
+        # throughput (15,000 at 3,000 runs/s, 40-odd tracked objects each) and every young collection promoted
+        # them, which made the collector a tenth of in-process W6 (docs/performance.md).
+        if self._runs.get(slot.machine.run_id) is slot:
+            del self._runs[slot.machine.run_id]
 
     def _arm(self, slot: _RunSlot, wake: Wake) -> None:
         if self._closed:

@@ -58,6 +58,27 @@ def test_w6_computes_20_and_records_a_gap_free_history(monkeypatch: pytest.Monke
     assert types(events)[0] == "RunCreated" and types(events)[-1] == "RunCompleted"
 
 
+
+def test_a_finished_run_leaves_memory_and_still_loads_whole_from_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon running thousands of runs per second must not keep the finished ones: their waiters get the
+    summary, and anyone asking later gets the same run rebuilt from the log."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
+
+    async def body() -> None:
+        eng = engine()
+        try:
+            runs = await asyncio.gather(*(eng.run(load_example("w6"), {"x": 1}) for _ in range(20)))
+            assert [r["outputs"] for r in runs] == [{"x": 20}] * 20
+            assert not any(eng.drives(r["run_id"]) for r in runs)
+            assert eng.active_runs() == []
+            for r in runs:
+                assert (await eng.load(r["run_id"])).summary() == r
+                assert await eng.wait(r["run_id"]) == r  # a wait after the end answers from the log
+        finally:
+            await eng.close()
+
+    run_async(body())
+
 def test_condition_false_skips_branch_and_propagates_through_the_chain() -> None:
     doc = workflow(
         [fn("a"), fn("yes"), fn("yes2"), fn("no"), fn("no2")],
