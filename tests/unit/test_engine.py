@@ -58,7 +58,6 @@ def test_w6_computes_20_and_records_a_gap_free_history(monkeypatch: pytest.Monke
     assert types(events)[0] == "RunCreated" and types(events)[-1] == "RunCompleted"
 
 
-
 def test_a_finished_run_leaves_memory_and_still_loads_whole_from_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon running thousands of runs per second must not keep the finished ones: their waiters get the
     summary, and anyone asking later gets the same run rebuilt from the log."""
@@ -78,6 +77,7 @@ def test_a_finished_run_leaves_memory_and_still_loads_whole_from_the_log(monkeyp
             await eng.close()
 
     run_async(body())
+
 
 def test_condition_false_skips_branch_and_propagates_through_the_chain() -> None:
     doc = workflow(
