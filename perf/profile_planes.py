@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from perf.spy_top import summarize
-from perf.w6 import _tree, process_cpu_seconds, start_bench_daemon, w6_document
+from perf.w6 import _tree, process_cpu_split, start_bench_daemon, w6_document
 
 
 def _role(pid: int) -> str:
@@ -38,7 +38,7 @@ async def profile(runs: int, inline: bool, top: int, work: Path, connections: in
     try:
         pids = _tree(daemon.proc.pid)
         roles = {pid: _role(pid) for pid in pids}
-        before = {pid: process_cpu_seconds(pid) for pid in pids}
+        before = {pid: process_cpu_split(pid) for pid in pids}
         spies = {}
         for pid in pids:
             command = [spy, "record", "--nonblocking", "--gil", "-r", "250", "-f", "raw", "-p", str(pid)]
@@ -54,7 +54,7 @@ async def profile(runs: int, inline: bool, top: int, work: Path, connections: in
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out = (await h2.communicate())[0].decode()
-        after = {pid: process_cpu_seconds(pid) for pid in pids}
+        after = {pid: process_cpu_split(pid) for pid in pids}
         for proc in spies.values():
             proc.send_signal(signal.SIGINT)
         for proc in spies.values():
@@ -62,11 +62,15 @@ async def profile(runs: int, inline: bool, top: int, work: Path, connections: in
     finally:
         await asyncio.to_thread(daemon.stop)
     print(next((line for line in out.splitlines() if line.startswith("finished in")), out[-400:]))
-    total_cpu = sum(after[p] - before[p] for p in pids)
+    used = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in pids}
+    total_cpu = sum(user + system for user, system in used.values())
     print(f"daemon CPU {total_cpu:.2f} s = {total_cpu * 1e6 / runs:.0f} us per run")
-    for pid in sorted(pids, key=lambda p: before[p] - after[p]):
-        cpu = after[pid] - before[pid]
-        print(f"\n=== {roles[pid]} (pid {pid}): {cpu:.2f} s CPU, {cpu * 1e6 / runs:.0f} us per run")
+    for pid in sorted(pids, key=lambda p: -sum(used[p])):
+        user, system = used[pid]
+        print(
+            f"\n=== {roles[pid]} (pid {pid}): {user + system:.2f} s CPU, {(user + system) * 1e6 / runs:.0f} us per run"
+            f" ({user * 1e6 / runs:.0f} user, {system * 1e6 / runs:.0f} system)"
+        )
         path = work / f"{roles[pid]}.spy"
         if not path.exists():
             continue

@@ -66,15 +66,21 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of one process, as /proc counts it; 0 for a process that is gone."""
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of one process, as /proc counts them; zeros for a process that is gone."""
     import os
 
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of one process, as /proc counts it; 0 for a process that is gone."""
+    return sum(process_cpu_split(pid))
 
 
 def tree_cpu_seconds(root: int) -> float:
