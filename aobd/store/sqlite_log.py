@@ -605,19 +605,9 @@ def _apply_batched(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exce
                 raise _NotBatchable
             seen.add(run_id)
             first, final = records[0], records[-1]
-            idx = index or _NO_INDEX
             if first.seq == 1:
-                new_runs += (
-                    run_id,
-                    idx.workflow or "",
-                    idx.status or DEFAULT_STATUS,
-                    first.ts,
-                    final.ts,
-                    final.seq,
-                    idx.parent_run_id,
-                    idx.workspace or DEFAULT_WORKSPACE,
-                )
-            elif idx.workflow is None and idx.status is None and idx.parent_run_id is None and idx.workspace is None:
+                new_runs += _new_run_row(run_id, records, index)
+            elif _leaves_index(index):
                 advances += (run_id, first.seq - 1, final.seq, final.ts)
             elif _advance(conn, run_id, records, index) is not None:
                 raise _NotBatchable
@@ -650,6 +640,29 @@ def _execute_chunked(conn: sqlite3.Connection, statements: _Chunked, params: lis
     return changed
 
 
+def _new_run_row(run_id: str, records: Sequence[EventRecord], index: RunIndex | None) -> tuple[Any, ...]:
+    """The ``runs`` row a run's first append creates (columns as in ``_INSERT_NEW_RUN``)."""
+    idx = index or _NO_INDEX
+    first, final = records[0], records[-1]
+    return (
+        run_id,
+        idx.workflow or "",
+        idx.status or DEFAULT_STATUS,
+        first.ts,
+        final.ts,
+        final.seq,
+        idx.parent_run_id,
+        idx.workspace or DEFAULT_WORKSPACE,
+    )
+
+
+def _leaves_index(index: RunIndex | None) -> bool:
+    """Whether an append changes none of the indexed columns (the cheap seq-only advance serves it)."""
+    return index is None or (
+        index.workflow is None and index.status is None and index.parent_run_id is None and index.workspace is None
+    )
+
+
 def _advance(
     conn: sqlite3.Connection, run_id: str, records: Sequence[EventRecord], index: RunIndex | None
 ) -> ConflictError | None:
@@ -657,20 +670,8 @@ def _advance(
     first, final = records[0], records[-1]
     idx = index or _NO_INDEX
     if first.seq == 1:
-        changed = conn.execute(
-            _INSERT_NEW_RUN,
-            (
-                run_id,
-                idx.workflow or "",
-                idx.status or DEFAULT_STATUS,
-                first.ts,
-                final.ts,
-                final.seq,
-                idx.parent_run_id,
-                idx.workspace or DEFAULT_WORKSPACE,
-            ),
-        ).rowcount
-    elif idx.workflow is None and idx.status is None and idx.parent_run_id is None and idx.workspace is None:
+        changed = conn.execute(_INSERT_NEW_RUN, _new_run_row(run_id, records, index)).rowcount
+    elif _leaves_index(index):
         changed = conn.execute(_ADVANCE_SEQ, (final.seq, final.ts, run_id, first.seq - 1)).rowcount
     else:
         changed = conn.execute(
