@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from aobd.errors import ConflictError, StoreError
 from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, validate_append
@@ -76,14 +76,12 @@ _MIGRATIONS: Final[list[list[str]]] = [
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _SELECT_LAST = "SELECT last_seq FROM runs WHERE run_id = ?"
+#: The columns of ``runs`` in table order: the order of a new run's row (``_new_run_row``) and of RunInfo.
+_RUN_COLUMNS = "run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace"
 # The expected-seq check is the run index write itself: a first append inserts the run only if it is absent,
 # a later one updates it only if last_seq is still the one it expects; a row count short of the appends means a
 # conflict. A group goes in with the multi-row forms below (_apply_batched); these one-append forms serve the
 # appends that change indexed columns, and a group replayed append by append after a conflict.
-_INSERT_NEW_RUN = (
-    "INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING"
-)
 _ADVANCE_RUN = (
     "UPDATE runs SET last_seq = ?, updated_at = ?, workflow = coalesce(?, workflow),"
     " status = coalesce(?, status), parent_run_id = coalesce(?, parent_run_id),"
@@ -95,22 +93,31 @@ _ADVANCE_SEQ = "UPDATE runs SET last_seq = ?, updated_at = ? WHERE run_id = ? AN
 # Multi-row forms of the three statements of a group (``_apply_batched``), one per chunk size: a chunk's SQL
 # text is the key of the connection's statement cache, so only these sizes are ever prepared.
 _CHUNK: Final = 256
-_Chunked = tuple[int, list[tuple[int, str]]]  # (parameters per row, [(rows, statement)] biggest first)
+
+
+class _Chunked(NamedTuple):
+    """A multi-row statement prepared for a few row counts."""
+
+    width: int
+    """Parameters per row."""
+    by_size: list[tuple[int, str]]
+    """(rows, statement), biggest first; the last takes one row."""
+
+    @property
+    def one_row(self) -> str:
+        return self.by_size[-1][1]
 
 
 def _chunked(width: int, make: Callable[[str], str]) -> _Chunked:
     row = "(" + ", ".join(["?"] * width) + ")"
-    return width, [(size, make(", ".join([row] * size))) for size in (_CHUNK, 64, 16, 4, 1)]
+    return _Chunked(width, [(size, make(", ".join([row] * size))) for size in (_CHUNK, 64, 16, 4, 1)])
 
 
 _INSERT_EVENTS = _chunked(5, lambda rows: f"INSERT INTO events (run_id, seq, type, ts, data) VALUES {rows}")
 _INSERT_NEW_RUNS = _chunked(
-    8,
-    lambda rows: (
-        "INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id,"
-        f" workspace) VALUES {rows} ON CONFLICT (run_id) DO NOTHING"
-    ),
+    8, lambda rows: f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES {rows} ON CONFLICT (run_id) DO NOTHING"
 )
+_INSERT_NEW_RUN = _INSERT_NEW_RUNS.one_row
 # VALUES columns are column1..column4: run_id, expected last_seq, new last_seq, updated_at. The planner drives the
 # join from the VALUES rows and looks each run up by its key (tests/unit/test_store_contract.py checks the plan).
 _ADVANCE_SEQS = _chunked(
@@ -120,7 +127,6 @@ _ADVANCE_SEQS = _chunked(
         " WHERE runs.run_id = v.column1 AND runs.last_seq = v.column2"
     ),
 )
-_RUN_COLUMNS = "run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace"
 _SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?"
 _READ = "SELECT seq, type, ts, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 
@@ -586,10 +592,10 @@ def _apply_in_order(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exc
 def _apply_batched(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exception | None]:
     """The whole group with a few statements: new runs in one multi-row INSERT, plain advances in one UPDATE ...
     FROM (VALUES ...), their events in one INSERT (each in chunks of at most :data:`_CHUNK` rows); only appends
-    that change indexed columns go one statement each. Every statement steps with the GIL released and must take
-    it back from the event loop's thread, so a statement per row (``executemany``) made the writer wait on the
-    loop once per row: this form commits 1.25x the appends per second at 64 appenders, and in-process W6 gains
-    about 5% (docs/performance.md).
+    that change indexed columns go one statement each. Every statement steps with the GIL released and takes it
+    back from the event loop's thread; fewer statements mean fewer handoffs and less Python per row. Measured
+    against a statement per append and a step per row (docs/performance.md): in-process W6 1.04x at 64 runs in
+    flight and 1.14x at 200; W6-shaped appends alone 1.17-1.30x; no gain where every group waits on its fsync.
 
     Raises:
         _NotBatchable: a row count says some append did not apply (an expected-seq conflict), or a run has two
@@ -612,9 +618,9 @@ def _apply_batched(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exce
             elif _advance(conn, run_id, records, index) is not None:
                 raise _NotBatchable
             _add_events(events, run_id, records)
-        if _execute_chunked(conn, _INSERT_NEW_RUNS, new_runs) * 8 != len(new_runs):
+        if not _applied_to_every_row(conn, _INSERT_NEW_RUNS, new_runs):
             raise _NotBatchable
-        if _execute_chunked(conn, _ADVANCE_SEQS, advances) * 4 != len(advances):
+        if not _applied_to_every_row(conn, _ADVANCE_SEQS, advances):
             raise _NotBatchable
         _execute_chunked(conn, _INSERT_EVENTS, events)
     except sqlite3.Error as exc:
@@ -630,9 +636,9 @@ def _add_events(params: list[Any], run_id: str, records: Sequence[EventRecord]) 
 def _execute_chunked(conn: sqlite3.Connection, statements: _Chunked, params: list[Any]) -> int:
     """Run the multi-row statement of ``statements`` over the flat ``params``, biggest chunks first; the total
     row count."""
-    width, by_size = statements
+    width = statements.width
     rows, start, changed = len(params) // width, 0, 0
-    for size, sql in by_size:
+    for size, sql in statements.by_size:
         while rows >= size:
             changed += conn.execute(sql, params[start : start + size * width]).rowcount
             start += size * width
@@ -640,8 +646,13 @@ def _execute_chunked(conn: sqlite3.Connection, statements: _Chunked, params: lis
     return changed
 
 
+def _applied_to_every_row(conn: sqlite3.Connection, statements: _Chunked, params: list[Any]) -> bool:
+    """Run ``statements`` over ``params``; whether every row changed one row of the table (no conflict)."""
+    return _execute_chunked(conn, statements, params) * statements.width == len(params)
+
+
 def _new_run_row(run_id: str, records: Sequence[EventRecord], index: RunIndex | None) -> tuple[Any, ...]:
-    """The ``runs`` row a run's first append creates (columns as in ``_INSERT_NEW_RUN``)."""
+    """The ``runs`` row a run's first append creates (columns as in ``_RUN_COLUMNS``)."""
     idx = index or _NO_INDEX
     first, final = records[0], records[-1]
     return (

@@ -633,7 +633,7 @@ def test_sqlite_batched_advance_looks_runs_up_by_key(tmp_path: Path) -> None:
     run(lambda: SqliteEventLog(path), body)
     conn = sqlite3.connect(path)
     try:
-        for size, sql in _ADVANCE_SEQS[1]:
+        for size, sql in _ADVANCE_SEQS.by_size:
             plan = [str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ["r1", 1, 2, 0.0] * size)]
             assert any(step.startswith("SEARCH runs USING INDEX") for step in plan), (size, plan)
             assert not any(step.startswith("SCAN runs") for step in plan), (size, plan)
