@@ -8,10 +8,11 @@ which closes the backend on the way out. Tests after the contract section cover 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -465,26 +466,28 @@ def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
         SqliteEventLog(path)
 
 
-def _hold_write_lock(path: Path) -> sqlite3.Connection:
-    """A connection holding the database's write lock: the writer thread waits and appends pile up."""
+@contextlib.contextmanager
+def _write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection holding the database's write lock for the block: the writer thread waits and appends queued
+    meanwhile go in as one group once the block ends."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
-    return conn
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
 
 
 def test_sqlite_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
 
     async def body(log: SqliteEventLog) -> None:
-        blocker = _hold_write_lock(path)
-        try:
+        with _write_lock_held(path):
             tasks = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 1, 2))) for i in range(300)]
             tasks.append(asyncio.ensure_future(log.append("r7", recs("r7", 1, 1))))  # conflicts in the group
             await asyncio.sleep(0.1)
             assert log.metrics.commits == 0
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert outcomes[:300] == [None] * 300
         assert isinstance(outcomes[300], ConflictError)
@@ -501,13 +504,9 @@ def test_sqlite_max_batch_bounds_a_group(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
 
     async def body(log: SqliteEventLog) -> None:
-        blocker = _hold_write_lock(path)
-        try:
+        with _write_lock_held(path):
             tasks = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 1, 1))) for i in range(50)]
             await asyncio.sleep(0.05)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         await asyncio.gather(*tasks)
         assert log.metrics.max_batch_size == 8 and log.metrics.commits >= 7
 
@@ -520,8 +519,7 @@ def test_sqlite_broken_append_fails_alone(tmp_path: Path) -> None:
 
     async def body(log: SqliteEventLog) -> None:
         await log.append("bad", recs("bad", 1, 1))
-        blocker = _hold_write_lock(path)
-        try:
+        with _write_lock_held(path) as blocker:
             blocker.execute("INSERT INTO events (run_id, seq, type, ts, data) VALUES ('bad', 2, 'stray', 0.0, x'00')")
             blocker.execute("COMMIT")
             blocker.execute("BEGIN IMMEDIATE")
@@ -531,9 +529,6 @@ def test_sqlite_broken_append_fails_alone(tmp_path: Path) -> None:
                 asyncio.ensure_future(log.append("good2", recs("good2", 1, 1))),
             ]
             await asyncio.sleep(0.05)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert outcomes[0] is None and outcomes[2] is None
         assert isinstance(outcomes[1], StoreError) and not isinstance(outcomes[1], ConflictError)
@@ -573,15 +568,11 @@ def test_sqlite_a_conflict_in_a_batched_group_fails_only_its_append(tmp_path: Pa
 
     async def body(log: SqliteEventLog) -> None:
         await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 1)) for i in range(300)))
-        blocker = _hold_write_lock(path)
-        try:
+        with _write_lock_held(path):
             plain = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 2, 2))) for i in range(1, 300)]
             stale = asyncio.ensure_future(log.append("r0", recs("r0", 3, 1)))  # r0 is at seq 1: a gap
             created = [asyncio.ensure_future(log.append(run_id, recs(run_id, 1, 1))) for run_id in ("n1", "n2")]
             await asyncio.sleep(0.05)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         assert await asyncio.gather(*plain) == [None] * 299
         with pytest.raises(ConflictError):
             await stale
@@ -601,15 +592,11 @@ def test_sqlite_new_run_that_exists_conflicts_inside_a_batched_group(tmp_path: P
 
     async def body(log: SqliteEventLog) -> None:
         await log.append("old", recs("old", 1, 2))
-        blocker = _hold_write_lock(path)
-        try:
+        with _write_lock_held(path):
             new = [asyncio.ensure_future(log.append(f"n{i}", recs(f"n{i}", 1, 1))) for i in range(20)]
             dup = asyncio.ensure_future(log.append("old", recs("old", 1, 1)))
             status = asyncio.ensure_future(log.append("old", recs("old", 3, 1), index=RunIndex(status="completed")))
             await asyncio.sleep(0.05)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         assert await asyncio.gather(*new) == [None] * 20
         with pytest.raises(ConflictError):
             await dup
