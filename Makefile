@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-built
 SOURCES := $(shell find aobd -name '*.py' -o -name '*.pyx' -o -name '*.pyi' 2>/dev/null)
 
-.PHONY: run test lint typecheck test-python test-c build bench profile profile-planes clean promtool
+.PHONY: run test lint typecheck test-python test-c build bench profile profile-planes clean promtool sqlite-headers
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
-# Cython twins built in place; the pure-Python references remain the specification.
-$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx)
+# Cython twins built in place; the pure-Python references remain the specification. The SQLite group writer
+# links the system libsqlite3 (the one Python's sqlite3 module uses) and needs its header (Debian libsqlite3-dev).
+$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx) | sqlite-headers
 	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -40,6 +41,12 @@ test-python: build
 
 test-c: build
 	AOBD_IMPL=c $(PY) -m pytest -q -p no:cacheprovider tests
+
+sqlite-headers:
+	@test -f /usr/include/sqlite3.h || { \
+		echo "installing the SQLite header (Debian package libsqlite3-dev)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libsqlite3-dev >/dev/null) \
+		|| echo "warning: could not install libsqlite3-dev; the C extensions will not build"; }
 
 # promtool checks the /metrics exposition in the test suite (Debian package "prometheus").
 promtool:

@@ -11,7 +11,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-FAST_MODULES = ["jsonpatch", "routing"]
+FAST_MODULES = ["jsonpatch", "routing", "sqlite_group"]
 
 
 class OptionalBuildExt(build_ext):

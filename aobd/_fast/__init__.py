@@ -2,7 +2,8 @@
 
 The choice is made once, here, at import (as psycopg does with ``PSYCOPG_IMPL``):
 
-* ``AOBD_IMPL=python``: the pure-Python references (``_py_jsonpatch``, ``_py_routing``), the specification.
+* ``AOBD_IMPL=python``: the pure-Python references (``_py_jsonpatch``, ``_py_routing``, ``_py_sqlite_group``), the
+  specification.
 * ``AOBD_IMPL=c``: the compiled twins; an ImportError if they were not built (``make build``).
 * ``AOBD_IMPL=auto`` (default): compiled when available, else pure Python.
 
@@ -18,31 +19,32 @@ from types import ModuleType
 _VALID = ("auto", "c", "python")
 
 
-def _choose() -> tuple[ModuleType, ModuleType, str]:
+def _choose() -> tuple[ModuleType, ModuleType, ModuleType, str]:
     wanted = os.environ.get("AOBD_IMPL", "auto").strip().lower() or "auto"
     if wanted not in _VALID:
         raise ImportError(f"AOBD_IMPL={wanted!r} is not one of {', '.join(_VALID)}")
-    from aobd._fast import _py_jsonpatch, _py_routing
+    from aobd._fast import _py_jsonpatch, _py_routing, _py_sqlite_group
 
     if wanted == "python":
-        return _py_jsonpatch, _py_routing, "python"
+        return _py_jsonpatch, _py_routing, _py_sqlite_group, "python"
     try:
-        from aobd._fast import jsonpatch, routing
+        from aobd._fast import jsonpatch, routing, sqlite_group
     except ImportError as exc:
         if wanted == "c":
             raise ImportError(
                 "AOBD_IMPL=c but the compiled extensions are not built; run `make build` "
                 "(or `python setup.py build_ext --inplace`)"
             ) from exc
-        return _py_jsonpatch, _py_routing, "python"
-    return jsonpatch, routing, "c"
+        return _py_jsonpatch, _py_routing, _py_sqlite_group, "python"
+    return jsonpatch, routing, sqlite_group, "c"
 
 
-_patch_mod, _routing_mod, __impl__ = _choose()
+_patch_mod, _routing_mod, _sqlite_group_mod, __impl__ = _choose()
 
 apply_patch = _patch_mod.apply_patch
 resolve_pointer = _patch_mod.resolve_pointer
 parse_pointer = _patch_mod.parse_pointer
 Router = _routing_mod.Router
+SqliteGroupWriter = _sqlite_group_mod.GroupWriter
 
-__all__ = ["Router", "__impl__", "apply_patch", "parse_pointer", "resolve_pointer"]
+__all__ = ["Router", "SqliteGroupWriter", "__impl__", "apply_patch", "parse_pointer", "resolve_pointer"]

@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
-from aobd.errors import ConflictError, StoreError
-from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, validate_append
+from aobd._fast import SqliteGroupWriter
+from aobd._fast._py_sqlite_group import RUN_COLUMNS, SELECT_LAST
+from aobd.errors import StoreError
+from aobd.store.memory import conflict, validate_append
 from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
 
 _T = TypeVar("_T")
@@ -75,59 +77,9 @@ _MIGRATIONS: Final[list[list[str]]] = [
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
-_SELECT_LAST = "SELECT last_seq FROM runs WHERE run_id = ?"
-#: The columns of ``runs`` in table order: the order of a new run's row (``_new_run_row``) and of RunInfo.
-_RUN_COLUMNS = "run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace"
-# The expected-seq check is the run index write itself: a first append inserts the run only if it is absent,
-# a later one updates it only if last_seq is still the one it expects; a row count short of the appends means a
-# conflict. A group goes in with the multi-row forms below (_apply_batched); these one-append forms serve the
-# appends that change indexed columns, and a group replayed append by append after a conflict.
-_ADVANCE_RUN = (
-    "UPDATE runs SET last_seq = ?, updated_at = ?, workflow = coalesce(?, workflow),"
-    " status = coalesce(?, status), parent_run_id = coalesce(?, parent_run_id),"
-    " workspace = coalesce(?, workspace) WHERE run_id = ? AND last_seq = ?"
-)
-# The same without index fields: assigning `status`, even its own value, makes SQLite rewrite the status indexes;
-# this form is three times cheaper (3.2 against 9.8 us, measured on 20,000 runs) and is what most appends need.
-_ADVANCE_SEQ = "UPDATE runs SET last_seq = ?, updated_at = ? WHERE run_id = ? AND last_seq = ?"
-# Multi-row forms of the three statements of a group (``_apply_batched``), one per chunk size: a chunk's SQL
-# text is the key of the connection's statement cache, so only these sizes are ever prepared.
-_CHUNK: Final = 256
-
-
-class _Chunked(NamedTuple):
-    """A multi-row statement prepared for a few row counts."""
-
-    width: int
-    """Parameters per row."""
-    by_size: list[tuple[int, str]]
-    """(rows, statement), biggest first; the last takes one row."""
-
-    @property
-    def one_row(self) -> str:
-        return self.by_size[-1][1]
-
-
-def _chunked(width: int, make: Callable[[str], str]) -> _Chunked:
-    row = "(" + ", ".join(["?"] * width) + ")"
-    return _Chunked(width, [(size, make(", ".join([row] * size))) for size in (_CHUNK, 64, 16, 4, 1)])
-
-
-_INSERT_EVENTS = _chunked(5, lambda rows: f"INSERT INTO events (run_id, seq, type, ts, data) VALUES {rows}")
-_INSERT_NEW_RUNS = _chunked(
-    8, lambda rows: f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES {rows} ON CONFLICT (run_id) DO NOTHING"
-)
-_INSERT_NEW_RUN = _INSERT_NEW_RUNS.one_row
-# VALUES columns are column1..column4: run_id, expected last_seq, new last_seq, updated_at. The planner drives the
-# join from the VALUES rows and looks each run up by its key (tests/unit/test_store_contract.py checks the plan).
-_ADVANCE_SEQS = _chunked(
-    4,
-    lambda rows: (
-        f"UPDATE runs SET last_seq = v.column3, updated_at = v.column4 FROM (VALUES {rows}) AS v"
-        " WHERE runs.run_id = v.column1 AND runs.last_seq = v.column2"
-    ),
-)
-_SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?"
+# The group commit itself (the run index writes, the events, COMMIT) is aobd._fast's SqliteGroupWriter: a pure-Python
+# reference and a C twin that runs a whole group with the GIL released.
+_SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
 _READ = "SELECT seq, type, ts, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 
 #: Reads of at most this many events run on the event loop. Measured from the page cache: a point lookup costs
@@ -141,7 +93,15 @@ CHECKPOINT_EVERY: Final = 1000
 _BUSY_TIMEOUT_MS: Final = 5000
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
-_NO_INDEX = RunIndex()
+#: Settings of both writing connections (the group writer's and the one that migrates and checkpoints).
+_WRITER_PRAGMAS: Final = (
+    f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
+    "PRAGMA synchronous = FULL",
+    # Checkpoints run after a group is acknowledged (_maybe_checkpoint), not inside its COMMIT.
+    "PRAGMA wal_autocheckpoint = 0",
+    # After a burst (or a long reader blocking checkpoints) the WAL is cut back to this when it restarts.
+    f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}",
+)
 _STOP: Final = object()
 
 
@@ -178,17 +138,6 @@ class GroupCommitMetrics:
 _Pending = tuple[str, Sequence[EventRecord], RunIndex | None, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 
-class _AppendFailed(Exception):
-    """A statement of one append failed inside a group (the group is retried append by append)."""
-
-
-class _NotBatchable(Exception):
-    """The group cannot be applied with one statement per kind of write: an append conflicts, or a run has two."""
-
-
-_Apply = Callable[[sqlite3.Connection, "list[_Pending]"], "list[Exception | None]"]
-
-
 class SqliteEventLog:
     """:class:`~aobd.store.protocols.EventLog` on one SQLite file, with group commit.
 
@@ -220,7 +169,8 @@ class SqliteEventLog:
         self._writers_lock = os.open(f"{self.path}-writers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._conn = self._connect()
         try:
-            self._setup_writer()
+            self._setup()
+            self._group_writer = SqliteGroupWriter(str(self.path), _WRITER_PRAGMAS)
         except BaseException:
             self._conn.close()
             os.close(self._writers_lock)
@@ -299,84 +249,45 @@ class SqliteEventLog:
                     leftovers.append(item)
             if leftovers:
                 self._settle(leftovers, [StoreError(f"event log {self.path} stopped") for _ in leftovers])
+            self._group_writer.close()
             self._conn.close()
             os.close(self._writers_lock)
 
     def _commit_group(self, group: list[_Pending]) -> list[Exception | None]:
-        """Commit a group in one transaction; the outcome of each append, in order (None: committed)."""
+        """Commit a group in one transaction, under the lock writers of other processes queue on; the outcome of
+        each append, in order (None: committed)."""
         started = time.perf_counter()
+        fcntl.flock(self._writers_lock, fcntl.LOCK_EX)
         try:
-            try:
-                try:
-                    outcomes = self._transaction(group, _apply_batched)
-                except _NotBatchable:
-                    # An append of the group conflicts (or a run has two): replay the group append by append,
-                    # which tells each append its own outcome.
-                    self._rollback()
-                    outcomes = self._transaction(group, _apply_in_order)
-            except _AppendFailed:
-                # Cannot happen while runs.last_seq agrees with events; if the file says otherwise, find the
-                # culprit with a savepoint per append instead of failing its innocent neighbours.
-                self._rollback()
-                outcomes = self._transaction(group, self._apply_isolated)
+            written = self._group_writer.commit(group)
         except Exception as exc:  # sqlite3.Error, or a bug: either way the callers must hear of it
-            self._rollback()
             self.metrics.failures += len(group)
             # One instance per append: an exception raised in many tasks would collect all their tracebacks.
             message = f"event log {self.path}: commit of {len(group)} appends failed: {exc}"
             return [StoreError(message) for _ in group]
+        finally:
+            fcntl.flock(self._writers_lock, fcntl.LOCK_UN)
         elapsed = time.perf_counter() - started
         m = self.metrics
         m.commits += 1
-        for (_, records, _, _, _), outcome in zip(group, outcomes):
+        outcomes: list[Exception | None] = []
+        for (run_id, records, _, _, _), outcome in zip(group, written):
             if outcome is None:
                 m.appends += 1
                 m.records += len(records)
                 self._since_checkpoint += 1
-            elif isinstance(outcome, ConflictError):
+                outcomes.append(None)
+            elif isinstance(outcome, int):
                 m.conflicts += 1
+                outcomes.append(conflict(run_id, records[0].seq, outcome))
             else:
                 m.failures += 1
+                outcomes.append(StoreError(f"event log {self.path}: append to run {run_id!r} failed: {outcome}"))
         m.last_batch_size = len(group)
         m.max_batch_size = max(m.max_batch_size, len(group))
         m.last_commit_seconds = elapsed
         m.commit_seconds_total += elapsed
         return outcomes
-
-    def _transaction(self, group: list[_Pending], apply: _Apply) -> list[Exception | None]:
-        """Run ``apply`` on the group in one transaction, under the lock writers of other processes queue on."""
-        fcntl.flock(self._writers_lock, fcntl.LOCK_EX)
-        try:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            outcomes = apply(conn, group)
-            conn.execute("COMMIT")
-            return outcomes
-        finally:
-            fcntl.flock(self._writers_lock, fcntl.LOCK_UN)
-
-    def _apply_isolated(self, conn: sqlite3.Connection, group: list[_Pending]) -> list[Exception | None]:
-        """Each append under its own savepoint: a failing one is rolled back alone and its outcome is the error."""
-        return [self._apply_one_isolated(conn, run_id, records, index) for run_id, records, index, _, _ in group]
-
-    def _apply_one_isolated(
-        self, conn: sqlite3.Connection, run_id: str, records: Sequence[EventRecord], index: RunIndex | None
-    ) -> Exception | None:
-        conn.execute("SAVEPOINT append")
-        outcome: Exception | None
-        try:
-            outcome = _advance(conn, run_id, records, index)
-            if outcome is None:
-                params: list[Any] = []
-                _add_events(params, run_id, records)
-                _execute_chunked(conn, _INSERT_EVENTS, params)
-        except sqlite3.Error as exc:
-            if not conn.in_transaction:  # SQLite abandoned the whole transaction (I/O error, disk full)
-                raise
-            conn.execute("ROLLBACK TO append")
-            outcome = StoreError(f"event log {self.path}: append to run {run_id!r} failed: {exc}")
-        conn.execute("RELEASE append")
-        return outcome
 
     @staticmethod
     def _settle(group: list[_Pending], outcomes: Sequence[Exception | None]) -> None:
@@ -426,7 +337,7 @@ class SqliteEventLog:
 
     async def last_seq(self, run_id: str) -> int:
         try:
-            row = self._reader().execute(_SELECT_LAST, (run_id,)).fetchone()
+            row = self._reader().execute(SELECT_LAST, (run_id,)).fetchone()
         except sqlite3.Error as exc:
             raise self._read_error(f"reading the last seq of run {run_id!r}", exc) from exc
         return row[0] if row else 0
@@ -451,7 +362,7 @@ class SqliteEventLog:
         if workspace is not None:
             where.append("workspace = ?")
             params.append(workspace)
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
@@ -535,17 +446,16 @@ class SqliteEventLog:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
 
-    def _setup_writer(self) -> None:
+    def _setup(self) -> None:
+        """WAL mode (it stays with the file) and the schema, on the connection the writer thread also runs
+        checkpoints with; the group writer opens its own connection afterwards."""
         conn = self._conn
         try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"event log {self.path}: SQLite refused WAL mode (journal_mode is {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
-            # After a burst (or a long reader blocking checkpoints) the WAL is cut back to this when it restarts.
-            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+            for pragma in _WRITER_PRAGMAS:
+                conn.execute(pragma)
             self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
@@ -570,138 +480,6 @@ class SqliteEventLog:
         except BaseException:
             self._rollback()
             raise
-
-
-def _apply_in_order(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exception | None]:
-    """Each append's index check and update in queue order (so each learns whether it conflicts); then the events
-    of those that did not, in one statement per chunk."""
-    outcomes: list[Exception | None] = []
-    params: list[Any] = []
-    try:
-        for run_id, records, index, _, _ in group:
-            outcome = _advance(conn, run_id, records, index)
-            if outcome is None:
-                _add_events(params, run_id, records)
-            outcomes.append(outcome)
-        _execute_chunked(conn, _INSERT_EVENTS, params)
-    except sqlite3.Error as exc:
-        raise _AppendFailed from exc
-    return outcomes
-
-
-def _apply_batched(conn: sqlite3.Connection, group: list[_Pending]) -> list[Exception | None]:
-    """The whole group with a few statements: new runs in one multi-row INSERT, plain advances in one UPDATE ...
-    FROM (VALUES ...), their events in one INSERT (each in chunks of at most :data:`_CHUNK` rows); only appends
-    that change indexed columns go one statement each. Every statement steps with the GIL released and takes it
-    back from the event loop's thread; fewer statements mean fewer handoffs and less Python per row. Measured
-    against a statement per append and a step per row (docs/performance.md): in-process W6 1.04x at 64 runs in
-    flight and 1.14x at 200; W6-shaped appends alone 1.17-1.30x; no gain where every group waits on its fsync.
-
-    Raises:
-        _NotBatchable: a row count says some append did not apply (an expected-seq conflict), or a run has two
-            appends in the group (their order matters); the caller rolls back and uses :func:`_apply_in_order`.
-    """
-    new_runs: list[Any] = []
-    advances: list[Any] = []
-    events: list[Any] = []
-    seen: set[str] = set()
-    try:
-        for run_id, records, index, _, _ in group:
-            if run_id in seen:
-                raise _NotBatchable
-            seen.add(run_id)
-            first, final = records[0], records[-1]
-            if first.seq == 1:
-                new_runs += _new_run_row(run_id, records, index)
-            elif _leaves_index(index):
-                advances += (run_id, first.seq - 1, final.seq, final.ts)
-            elif _advance(conn, run_id, records, index) is not None:
-                raise _NotBatchable
-            _add_events(events, run_id, records)
-        if not _applied_to_every_row(conn, _INSERT_NEW_RUNS, new_runs):
-            raise _NotBatchable
-        if not _applied_to_every_row(conn, _ADVANCE_SEQS, advances):
-            raise _NotBatchable
-        _execute_chunked(conn, _INSERT_EVENTS, events)
-    except sqlite3.Error as exc:
-        raise _AppendFailed from exc
-    return [None] * len(group)
-
-
-def _add_events(params: list[Any], run_id: str, records: Sequence[EventRecord]) -> None:
-    for r in records:
-        params += (run_id, r.seq, r.type, r.ts, r.data)
-
-
-def _execute_chunked(conn: sqlite3.Connection, statements: _Chunked, params: list[Any]) -> int:
-    """Run the multi-row statement of ``statements`` over the flat ``params``, biggest chunks first; the total
-    row count."""
-    width = statements.width
-    rows, start, changed = len(params) // width, 0, 0
-    for size, sql in statements.by_size:
-        while rows >= size:
-            changed += conn.execute(sql, params[start : start + size * width]).rowcount
-            start += size * width
-            rows -= size
-    return changed
-
-
-def _applied_to_every_row(conn: sqlite3.Connection, statements: _Chunked, params: list[Any]) -> bool:
-    """Run ``statements`` over ``params``; whether every row changed one row of the table (no conflict)."""
-    return _execute_chunked(conn, statements, params) * statements.width == len(params)
-
-
-def _new_run_row(run_id: str, records: Sequence[EventRecord], index: RunIndex | None) -> tuple[Any, ...]:
-    """The ``runs`` row a run's first append creates (columns as in ``_RUN_COLUMNS``)."""
-    idx = index or _NO_INDEX
-    first, final = records[0], records[-1]
-    return (
-        run_id,
-        idx.workflow or "",
-        idx.status or DEFAULT_STATUS,
-        first.ts,
-        final.ts,
-        final.seq,
-        idx.parent_run_id,
-        idx.workspace or DEFAULT_WORKSPACE,
-    )
-
-
-def _leaves_index(index: RunIndex | None) -> bool:
-    """Whether an append changes none of the indexed columns (the cheap seq-only advance serves it)."""
-    return index is None or (
-        index.workflow is None and index.status is None and index.parent_run_id is None and index.workspace is None
-    )
-
-
-def _advance(
-    conn: sqlite3.Connection, run_id: str, records: Sequence[EventRecord], index: RunIndex | None
-) -> ConflictError | None:
-    """Check an append's expected seq and update the run index; the conflict if the check fails."""
-    first, final = records[0], records[-1]
-    idx = index or _NO_INDEX
-    if first.seq == 1:
-        changed = conn.execute(_INSERT_NEW_RUN, _new_run_row(run_id, records, index)).rowcount
-    elif _leaves_index(index):
-        changed = conn.execute(_ADVANCE_SEQ, (final.seq, final.ts, run_id, first.seq - 1)).rowcount
-    else:
-        changed = conn.execute(
-            _ADVANCE_RUN,
-            (
-                final.seq,
-                final.ts,
-                idx.workflow,
-                idx.status,
-                idx.parent_run_id,
-                idx.workspace,
-                run_id,
-                first.seq - 1,
-            ),
-        ).rowcount
-    if changed == 1:
-        return None
-    row = conn.execute(_SELECT_LAST, (run_id,)).fetchone()
-    return conflict(run_id, first.seq, row[0] if row else 0)
 
 
 def _deliver(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:

@@ -610,7 +610,7 @@ def test_sqlite_new_run_that_exists_conflicts_inside_a_batched_group(tmp_path: P
 def test_sqlite_batched_advance_looks_runs_up_by_key(tmp_path: Path) -> None:
     """The multi-row UPDATE ... FROM (VALUES ...) must drive from its rows and search runs by key; a scan of runs
     would make every commit O(stored runs)."""
-    from aobd.store.sqlite_log import _ADVANCE_SEQS
+    from aobd._fast._py_sqlite_group import ADVANCE_SEQS
 
     path = tmp_path / "events.db"
 
@@ -620,7 +620,7 @@ def test_sqlite_batched_advance_looks_runs_up_by_key(tmp_path: Path) -> None:
     run(lambda: SqliteEventLog(path), body)
     conn = sqlite3.connect(path)
     try:
-        for size, sql in _ADVANCE_SEQS.by_size:
+        for size, sql in ADVANCE_SEQS.by_size:
             plan = [str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ["r1", 1, 2, 0.0] * size)]
             assert any(step.startswith("SEARCH runs USING INDEX") for step in plan), (size, plan)
             assert not any(step.startswith("SCAN runs") for step in plan), (size, plan)

@@ -1,0 +1,214 @@
+"""The SQLite event log's group commit: the pure-Python reference and its C twin give each append the same outcome
+and leave the same rows.
+
+Each case runs against both, imported directly (not through ``aobd._fast``), so both are tested whichever one
+``AOBD_IMPL`` selects; without a built extension the compiled cases skip, unless ``AOBD_IMPL=c`` demands it.
+The log's own behaviour around the writer (queueing, metrics, errors as the store reports them) is in
+test_store_contract.py, which runs with whichever writer ``AOBD_IMPL`` selects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aobd._fast import _py_sqlite_group
+from aobd.store.protocols import EventRecord, RunIndex
+from aobd.store.sqlite_log import SqliteEventLog
+
+PRAGMAS = ("PRAGMA busy_timeout = 50", "PRAGMA synchronous = FULL", "PRAGMA wal_autocheckpoint = 0")
+
+
+def compiled_group() -> ModuleType:
+    try:
+        return importlib.import_module("aobd._fast.sqlite_group")
+    except ImportError as exc:
+        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
+            pytest.fail(f"AOBD_IMPL=c but aobd._fast.sqlite_group cannot be imported: {exc}")
+        pytest.skip(f"aobd._fast.sqlite_group is not built ({exc}); run `make build`")
+
+
+@pytest.fixture(params=["python", "c"])
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    return _py_sqlite_group if request.param == "python" else compiled_group()
+
+
+def fresh_db(path: Path) -> Path:
+    """A database file with the event log's schema, as the log leaves it for its writer."""
+
+    async def create() -> None:
+        await SqliteEventLog(path).close()
+
+    asyncio.run(create())
+    return path
+
+
+@pytest.fixture
+def writer(impl: ModuleType, tmp_path: Path) -> Iterator[Any]:
+    w = impl.GroupWriter(str(fresh_db(tmp_path / "events.db")), PRAGMAS)
+    yield w
+    w.close()
+
+
+def recs(run_id: str, first: int, count: int, data: Any = b"{}") -> list[EventRecord]:
+    return [EventRecord(run_id, seq, "E", float(seq), data) for seq in range(first, first + count)]
+
+
+def rows(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(events, runs) as stored, in a fixed order (the events' rowid left out: only its order matters)."""
+    conn = sqlite3.connect(path)
+    try:
+        events = conn.execute("SELECT run_id, seq, type, ts, data FROM events ORDER BY id").fetchall()
+        runs = conn.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    return events, runs
+
+
+def test_a_group_commits_new_runs_advances_and_index_changes(writer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    assert writer.commit(
+        [
+            ("a", recs("a", 1, 2), RunIndex(workflow="w6", status="running", workspace="team")),
+            ("b", recs("b", 1, 1), None),
+        ]
+    ) == [None, None]
+    assert writer.commit(
+        [
+            ("a", recs("a", 3, 1), None),  # seq only
+            ("b", recs("b", 2, 2), RunIndex(status="completed")),  # an indexed column changes
+        ]
+    ) == [None, None]
+    events, runs = rows(path)
+    assert [(r, s) for r, s, *_ in events] == [("a", 1), ("a", 2), ("b", 1), ("a", 3), ("b", 2), ("b", 3)]
+    assert runs == [
+        ("a", "w6", "running", 1.0, 3.0, 3, None, "team"),
+        ("b", "", "completed", 1.0, 3.0, 3, None, "default"),  # defaults for a first append without an index
+    ]
+
+
+def test_a_conflict_fails_only_its_own_append_and_reports_the_last_seq(writer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    assert writer.commit([("a", recs("a", 1, 3), None), ("x", recs("x", 1, 1), None)]) == [None, None]
+    before = rows(path)
+    outcomes = writer.commit(
+        [
+            ("a", recs("a", 3, 1), None),  # stale: a is at 3
+            ("x", recs("x", 1, 1), None),  # a new run that exists already
+            ("a", recs("a", 4, 1), RunIndex(status="completed")),  # right after the stored 3
+            ("n", recs("n", 1, 1), None),
+        ]
+    )
+    assert outcomes == [3, 1, None, None]
+    events, runs = rows(path)
+    assert events == before[0] + [("a", 4, "E", 4.0, b"{}"), ("n", 1, "E", 1.0, b"{}")]
+    assert [(r[0], r[2], r[5]) for r in runs] == [("a", "completed", 4), ("x", "running", 1), ("n", "running", 1)]
+
+
+def test_two_appends_of_one_run_in_a_group_apply_in_order(writer: Any, tmp_path: Path) -> None:
+    outcomes = writer.commit([("a", recs("a", 1, 1), None), ("a", recs("a", 2, 2), None), ("a", recs("a", 2, 1), None)])
+    assert outcomes == [None, None, 3]
+    events, _ = rows(tmp_path / "events.db")
+    assert [s for _, s, *_ in events] == [1, 2, 3]
+
+
+def test_an_append_the_file_contradicts_fails_alone(writer: Any, tmp_path: Path) -> None:
+    """An event stored past runs.last_seq makes the append that would write it fail on the unique key; its
+    neighbours in the group commit, and nothing of it is stored."""
+    path = tmp_path / "events.db"
+    assert writer.commit([("bad", recs("bad", 1, 1), None)]) == [None]
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO events (run_id, seq, type, ts, data) VALUES ('bad', 2, 'stray', 0.0, x'00')")
+    conn.commit()
+    conn.close()
+    outcomes = writer.commit(
+        [("ok1", recs("ok1", 1, 1), None), ("bad", recs("bad", 2, 1), None), ("ok2", recs("ok2", 1, 2), None)]
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], str) and "UNIQUE" in outcomes[1], outcomes[1]
+    events, runs = rows(path)
+    assert [(r, s, t) for r, s, t, *_ in events if r == "bad"] == [("bad", 1, "E"), ("bad", 2, "stray")]
+    assert [(r[0], r[5]) for r in runs] == [("bad", 1), ("ok1", 1), ("ok2", 2)]
+
+
+def test_a_failed_transaction_raises_and_leaves_none_open(writer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock past the writer's busy timeout
+    try:
+        with pytest.raises(sqlite3.Error, match="locked"):
+            writer.commit([("a", recs("a", 1, 1), None)])
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert rows(path) == ([], [])
+    assert writer.commit([("a", recs("a", 1, 1), None)]) == [None]  # no transaction was left open
+
+
+def test_a_closed_writer_refuses_to_commit(impl: ModuleType, tmp_path: Path) -> None:
+    w = impl.GroupWriter(str(fresh_db(tmp_path / "events.db")), PRAGMAS)
+    w.close()
+    with pytest.raises(sqlite3.Error):
+        w.commit([("a", recs("a", 1, 1), None)])
+
+
+# -- the two implementations side by side ----------------------------------------------------------------------
+
+_RUNS = ("r0", "r1", "r2")
+_INDEXES = st.one_of(
+    st.none(),
+    st.builds(
+        RunIndex,
+        workflow=st.sampled_from([None, "w"]),
+        status=st.sampled_from([None, "running", "completed"]),
+        parent_run_id=st.sampled_from([None, "p"]),
+        workspace=st.sampled_from([None, "team"]),
+    ),
+)
+# (run, offset from the right first seq (-1: stale, 0: right, 1: ahead), record count, index, blob kind)
+_APPENDS = st.tuples(
+    st.sampled_from(_RUNS),
+    st.sampled_from([-1, 0, 0, 0, 1]),
+    st.integers(1, 3),
+    _INDEXES,
+    st.sampled_from([bytes, bytearray, memoryview]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(groups=st.lists(st.lists(_APPENDS, min_size=1, max_size=6), min_size=1, max_size=5))
+def test_the_twins_agree_on_random_groups(tmp_path_factory: pytest.TempPathFactory, groups: Any) -> None:
+    compiled = compiled_group()
+    outcomes: dict[str, list[Any]] = {}
+    stored: dict[str, Any] = {}
+    for name, module in (("python", _py_sqlite_group), ("c", compiled)):
+        path = fresh_db(tmp_path_factory.mktemp(name) / "events.db")
+        writer = module.GroupWriter(str(path), PRAGMAS)
+        # The writer's own view of where each run is, so most appends are right and some are stale or ahead.
+        expected = dict.fromkeys(_RUNS, 1)
+        try:
+            for group in groups:
+                appends = []
+                for run_id, offset, count, index, blob in group:
+                    first = max(1, expected[run_id] + offset)
+                    appends.append((run_id, recs(run_id, first, count, blob(b'{"k": 1}')), index))
+                result = writer.commit(appends)
+                for (run_id, records, _), outcome in zip(appends, result):
+                    if outcome is None:
+                        expected[run_id] = records[-1].seq + 1
+                outcomes.setdefault(name, []).append(result)
+        finally:
+            writer.close()
+        stored[name] = rows(path)
+    assert outcomes["python"] == outcomes["c"]
+    assert stored["python"] == stored["c"]
