@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from aobd.errors import ConfigError
-from aobd.gctune import DEFAULT_THRESHOLDS
+from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS, DEFAULT_THRESHOLDS
 
 
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,6 +81,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gc_thresholds: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]], msgspec.Meta(max_length=3)] = msgspec.field(
         default_factory=lambda: list(DEFAULT_THRESHOLDS)
     )
+    #: How long a thread waits for the GIL before the running one must drop it (sys.setswitchinterval), in ms;
+    #: 0 keeps CPython's 5 ms. Why: aobd/gctune.py.
+    switch_interval_ms: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = DEFAULT_SWITCH_INTERVAL_MS
 
 
 class ApprovalsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

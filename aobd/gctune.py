@@ -1,4 +1,5 @@
-"""Garbage-collector settings for aobd's processes (the daemon and its planes, ``aobd run``).
+"""Interpreter settings for aobd's processes (the daemon and its planes, ``aobd run``): the garbage collector
+and the GIL's switch interval.
 
 CPython's defaults, thresholds (700, 10, 10), start a young collection every 700 net container allocations and
 a full one every 100 young ones (when the long-lived objects grew by a quarter). An engine allocates many
@@ -7,16 +8,25 @@ collection traverses a large heap often. Measured on in-process W6 (6,000 runs, 
 collections took 415 ms of 2.6 s (16%), six full ones at 49 ms each; with (20000, 20, 50) and the startup heap
 frozen, 56 ms, and 2,800 workflows/s instead of 2,320 at the same peak RSS (docs/performance.md).
 
+The switch interval is how long a thread waiting for the GIL waits before it asks the running one to drop it
+(CPython's default: 5 ms). The SQLite log's writer thread needs the GIL twice per group commit, for a few
+microseconds, between a commit it runs without the GIL; while the event loop's thread computes, each of those
+waits delays the next group and every run waiting on it. At 1 ms, in-process W6 did 1.07-1.14x the workflows
+per second of the default, with the C group writer (docs/performance.md); below 1 ms the extra switches cost
+more CPU for no more throughput.
+
 Library users who embed :class:`aobd.engine.driver.Engine` keep whatever settings their process has: only aobd's
-own entry points call :func:`tune_gc`.
+own entry points call these.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Sequence
 
 DEFAULT_THRESHOLDS = (20_000, 20, 50)
+DEFAULT_SWITCH_INTERVAL_MS = 1.0
 
 
 def tune_gc(thresholds: Sequence[int] = DEFAULT_THRESHOLDS) -> None:
@@ -25,3 +35,9 @@ def tune_gc(thresholds: Sequence[int] = DEFAULT_THRESHOLDS) -> None:
     gc.freeze()
     if thresholds:
         gc.set_threshold(*thresholds)
+
+
+def tune_switch_interval(milliseconds: float = DEFAULT_SWITCH_INTERVAL_MS) -> None:
+    """Set the GIL's switch interval; 0 leaves CPython's."""
+    if milliseconds > 0:
+        sys.setswitchinterval(milliseconds / 1000.0)

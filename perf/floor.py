@@ -1,6 +1,6 @@
 """The floor: the least durable work W6 needs, written as directly as possible, beside aobd in the same run.
 
-    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd] [--default-gc]
+    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd] [--default-gc] [--switch-interval-ms MS]
 
 What W6 cannot do without, and nothing more: each run records its creation, each node's completion (with its
 output) and the run's completion as msgspec-encoded events in one SQLite database (WAL, ``synchronous=FULL``),
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS
 
 
 class Created(msgspec.Struct, tag=True):
@@ -156,7 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--default-gc", action="store_true", help="keep CPython's collector thresholds (both sides use the same)"
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=DEFAULT_SWITCH_INTERVAL_MS,
+        help="the GIL switch interval of aobd's processes, for both sides (0: CPython's 5 ms)",
+    )
     args = parser.parse_args(argv)
+    from aobd.gctune import tune_switch_interval
+
+    tune_switch_interval(args.switch_interval_ms)
     if not args.default_gc:
         from aobd.gctune import tune_gc
 

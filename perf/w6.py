@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aobd.gctune import tune_gc
+from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS, tune_gc, tune_switch_interval
 from perf import w6_handlers
 from perf.peers._common import HOPS, hops_ms
 
@@ -392,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         help="inprocess mode: keep CPython's collector thresholds instead of the ones aobd's own processes set "
         "(aobd/gctune.py)",
     )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=DEFAULT_SWITCH_INTERVAL_MS,
+        help="inprocess mode: the GIL switch interval, as aobd's processes set it (0: CPython's 5 ms)",
+    )
     parser.add_argument("--url", help="http mode: an already running daemon (default: start one)")
     parser.add_argument(
         "--processes",
@@ -459,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if not args.default_gc:
                     tune_gc()  # as `aobd run` and the daemon do
+                tune_switch_interval(args.switch_interval_ms)
                 result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
                 result["gc"] = "default" if args.default_gc else "aobd"
+                result["switch_interval_ms"] = round(sys.getswitchinterval() * 1000.0, 3)
     if not args.json:
         for key, value in result.items():
             print(f"{key:>22}  {value}", file=sys.stderr)

@@ -15,7 +15,7 @@ import orjson
 from aobd.config import Config, load_config
 from aobd.engine.driver import Engine, file_workflow_resolver
 from aobd.errors import AobdError
-from aobd.gctune import tune_gc
+from aobd.gctune import tune_gc, tune_switch_interval
 from aobd.model.validate import load_workflow
 from aobd.nodes.function import check_handler
 from aobd.store.local_cas import LocalCas
@@ -71,6 +71,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     load_workflow(document, handler_check=check_handler, source=str(path))
     inputs = _inputs(args.inputs)
     tune_gc(config.daemon.gc_thresholds)
+    tune_switch_interval(config.daemon.switch_interval_ms)
     async with open_engine(config, workflow_resolver=file_workflow_resolver(Path(source_dir))) as engine:
         engine.listeners.append(Timeline(sys.stderr if args.json else sys.stdout))
         run_id = await engine.start_run(document, inputs, source_dir=source_dir)

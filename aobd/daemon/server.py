@@ -34,7 +34,7 @@ from aobd.daemon.http import start_granian, stop_granian, wait_listening
 from aobd.daemon.sdnotify import Notifier, watchdog_interval
 from aobd.daemon.service import Service
 from aobd.errors import ConfigError
-from aobd.gctune import tune_gc
+from aobd.gctune import tune_gc, tune_switch_interval
 from aobd.log import configure_logging
 from aobd.metrics import Metrics, MetricsListener
 from aobd.model import events as ev
@@ -296,6 +296,7 @@ def serve(config_path: str | None, *, single_process: bool = False, overrides: d
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         daemon = runner.run(_make(config, config_path))
         tune_gc(config.daemon.gc_thresholds)  # after start-up: what it built stays out of every collection
+        tune_switch_interval(config.daemon.switch_interval_ms)
         return runner.run(daemon.run())
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from aobd.config import Config, load_config, orchestrator_count
-from aobd.gctune import tune_gc
+from aobd.gctune import tune_gc, tune_switch_interval
 from aobd.log import configure_logging
 
 log = structlog.get_logger("aobd.planes.child")
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(json=config.daemon.log_format == "json", level=config.daemon.log_level)
     structlog.contextvars.bind_contextvars(plane=f"{args.role}-{args.index}")
     tune_gc(config.daemon.gc_thresholds)
+    tune_switch_interval(config.daemon.switch_interval_ms)
     if args.role == "accept":
         from aobd.planes import accept
 

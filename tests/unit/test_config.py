@@ -56,6 +56,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("data_dir = \n", "not valid TOML"),
         ("[daemon]\ngc_thresholds = [700, 10, 10, 10]\n", "daemon.gc_thresholds"),
         ("[daemon]\ngc_thresholds = [0]\n", "daemon.gc_thresholds"),
+        ("[daemon]\nswitch_interval_ms = -1\n", "daemon.switch_interval_ms"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, says: str) -> None:
@@ -94,3 +95,22 @@ def test_gc_thresholds_apply_and_an_empty_list_leaves_them_alone(tmp_path: Path)
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_switch_interval_applies_and_zero_leaves_it_alone(tmp_path: Path) -> None:
+    import sys
+
+    from aobd.gctune import tune_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        path = tmp_path / "switch.toml"
+        path.write_text("[daemon]\nswitch_interval_ms = 2.5\n")
+        tune_switch_interval(load_config(path, env={}).daemon.switch_interval_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+        path.write_text("[daemon]\nswitch_interval_ms = 0\n")
+        tune_switch_interval(load_config(path, env={}).daemon.switch_interval_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0025)  # untouched
+        assert load_config(None, env={}).daemon.switch_interval_ms == 1.0  # the default aobd's processes use
+    finally:
+        sys.setswitchinterval(before)
