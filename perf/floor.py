@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS
+from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS, tune_gc, tune_switch_interval
 
 
 class Created(msgspec.Struct, tag=True):
@@ -165,12 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the GIL switch interval of aobd's processes, for both sides (0: CPython's 5 ms)",
     )
     args = parser.parse_args(argv)
-    from aobd.gctune import tune_switch_interval
-
     tune_switch_interval(args.switch_interval_ms)
     if not args.default_gc:
-        from aobd.gctune import tune_gc
-
         tune_gc()  # the settings of aobd's own processes, for the floor too: the same process runs both
     import uvloop
 

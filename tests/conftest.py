@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -32,6 +34,17 @@ def edge(a: str, b: str, when: str | None = None) -> dict[str, Any]:
 
 def workflow(nodes: list[dict[str, Any]], edges: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
     return {"name": extra.pop("name", "test"), "nodes": nodes, "edges": edges or [], **extra}
+
+
+def compiled_twin(name: str) -> ModuleType:
+    """The Cython twin ``aobd._fast.<name>``, imported directly. Without a built extension the test skips, unless
+    ``AOBD_IMPL=c`` demands the compiled twins: then it fails."""
+    try:
+        return importlib.import_module(f"aobd._fast.{name}")
+    except ImportError as exc:
+        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
+            pytest.fail(f"AOBD_IMPL=c but aobd._fast.{name} cannot be imported: {exc}")
+        pytest.skip(f"aobd._fast.{name} is not built ({exc}); run `make build`")
 
 
 def require_services() -> bool:

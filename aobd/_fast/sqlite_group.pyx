@@ -19,6 +19,7 @@ of SQLite in one process would not see each other's POSIX locks on the same file
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.limits cimport INT_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport strdup, strncpy
 
@@ -135,8 +136,15 @@ cdef int _text(object value, Text* out) except -1:
         out.size = 0
     else:
         out.ptr = PyUnicode_AsUTF8AndSize(value, &size)
-        out.size = <int>size
+        out.size = _sqlite_size(size)
     return 0
+
+
+cdef int _sqlite_size(Py_ssize_t size) except -1:
+    """A length as SQLite's bind functions take it (an int), refused rather than truncated."""
+    if size > INT_MAX:
+        raise OverflowError(f"a value of {size} bytes is larger than SQLite can bind")
+    return <int>size
 
 
 cdef inline int _bind_text(sqlite3_stmt* stmt, int i, Text text) noexcept nogil:
@@ -283,7 +291,7 @@ cdef class GroupWriter:
                     data = bytes(data)
                     keep.append(data)
                 r.data.ptr = PyBytes_AS_STRING(data)
-                r.data.size = <int>PyBytes_GET_SIZE(data)
+                r.data.size = _sqlite_size(PyBytes_GET_SIZE(data))
             if p.n_records == 0:
                 raise ValueError(f"append to run {run_id!r} has no records")
             if p.records[0].seq == 1:

@@ -13,9 +13,7 @@ the compiled cases skip, unless ``AOBD_IMPL=c`` demands it: then they fail.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,24 +22,16 @@ import pytest
 
 from aobd._fast import _py_jsonpatch
 from aobd.errors import PatchError
+from tests.conftest import compiled_twin
 
 TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
 # Record counts from the testdata README: a shorter file would otherwise just mean fewer tests.
 SUITES = {"json-patch-tests.json": (95, 3), "json-patch-spec_tests.json": (17, 1)}
 
 
-def compiled_jsonpatch() -> ModuleType:
-    try:
-        return importlib.import_module("aobd._fast.jsonpatch")
-    except ImportError as exc:
-        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
-            pytest.fail(f"AOBD_IMPL=c but aobd._fast.jsonpatch cannot be imported: {exc}")
-        pytest.skip(f"aobd._fast.jsonpatch is not built ({exc}); run `make build`")
-
-
 @pytest.fixture(params=["python", "c"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _py_jsonpatch if request.param == "python" else compiled_jsonpatch()
+    return _py_jsonpatch if request.param == "python" else compiled_twin("jsonpatch")
 
 
 def load(suite: str) -> list[dict[str, Any]]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -24,20 +22,12 @@ from hypothesis import strategies as st
 
 from aobd._fast import _py_jsonpatch
 from aobd.errors import PatchError, PointerError
-
-
-def compiled_jsonpatch() -> ModuleType:
-    try:
-        return importlib.import_module("aobd._fast.jsonpatch")
-    except ImportError as exc:
-        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
-            pytest.fail(f"AOBD_IMPL=c but aobd._fast.jsonpatch cannot be imported: {exc}")
-        pytest.skip(f"aobd._fast.jsonpatch is not built ({exc}); run `make build`")
+from tests.conftest import compiled_twin
 
 
 @pytest.fixture(params=["python", "c"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _py_jsonpatch if request.param == "python" else compiled_jsonpatch()
+    return _py_jsonpatch if request.param == "python" else compiled_twin("jsonpatch")
 
 
 def typed(value: Any) -> Any:
@@ -738,7 +728,7 @@ def outcome(impl: ModuleType, doc: Any, patch: Any) -> tuple[Any, ...]:
 @settings(max_examples=300, deadline=None, database=None)
 @given(data=st.data())
 def test_twin_matches_reference(data: st.DataObject) -> None:
-    c_jsonpatch = compiled_jsonpatch()
+    c_jsonpatch = compiled_twin("jsonpatch")
     doc = data.draw(JSON, label="doc")
     patch = data.draw(patches(doc), label="patch")
     before = json.dumps(doc)
@@ -751,7 +741,7 @@ def test_twin_matches_reference(data: st.DataObject) -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(data=st.data())
 def test_twin_matches_reference_on_pointers(data: st.DataObject) -> None:
-    c_jsonpatch = compiled_jsonpatch()
+    c_jsonpatch = compiled_twin("jsonpatch")
     doc = data.draw(JSON, label="doc")
     places = [pointer for pointer, _ in locations(doc)]
     pointer = data.draw(

@@ -7,8 +7,6 @@ built extension the compiled cases skip, unless ``AOBD_IMPL=c`` demands it: then
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -18,31 +16,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aobd._fast import _py_routing
+from tests.conftest import compiled_twin
 
 PENDING, READY, DONE, SKIPPED = 0, 1, 2, 3
 Edge = tuple[int, int]
 Graph = tuple[list[int], list[int], list[int]]
 
 
-def compiled_routing() -> ModuleType:
-    try:
-        return importlib.import_module("aobd._fast.routing")
-    except ImportError as exc:
-        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
-            pytest.fail(f"AOBD_IMPL=c but aobd._fast.routing cannot be imported: {exc}")
-        pytest.skip(f"aobd._fast.routing is not built ({exc}); run `make build`")
-
-
 @pytest.fixture(params=["python", "c"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _py_routing if request.param == "python" else compiled_routing()
+    return _py_routing if request.param == "python" else compiled_twin("routing")
 
 
 @pytest.fixture(scope="module")
 def c_routing() -> ModuleType:
     # Module scope: hypothesis rejects function-scoped fixtures, and the skip or failure should come
     # before it starts generating examples.
-    return compiled_routing()
+    return compiled_twin("routing")
 
 
 def csr(n: int, edges: Sequence[Edge]) -> Graph:

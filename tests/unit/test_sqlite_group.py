@@ -10,8 +10,6 @@ test_store_contract.py, which runs with whichever writer ``AOBD_IMPL`` selects.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,22 +23,14 @@ from hypothesis import strategies as st
 from aobd._fast import _py_sqlite_group
 from aobd.store.protocols import EventRecord, RunIndex
 from aobd.store.sqlite_log import SqliteEventLog
+from tests.conftest import compiled_twin
 
 PRAGMAS = ("PRAGMA busy_timeout = 50", "PRAGMA synchronous = FULL", "PRAGMA wal_autocheckpoint = 0")
 
 
-def compiled_group() -> ModuleType:
-    try:
-        return importlib.import_module("aobd._fast.sqlite_group")
-    except ImportError as exc:
-        if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
-            pytest.fail(f"AOBD_IMPL=c but aobd._fast.sqlite_group cannot be imported: {exc}")
-        pytest.skip(f"aobd._fast.sqlite_group is not built ({exc}); run `make build`")
-
-
 @pytest.fixture(params=["python", "c"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _py_sqlite_group if request.param == "python" else compiled_group()
+    return _py_sqlite_group if request.param == "python" else compiled_twin("sqlite_group")
 
 
 def fresh_db(path: Path) -> Path:
@@ -188,7 +178,7 @@ _APPENDS = st.tuples(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(groups=st.lists(st.lists(_APPENDS, min_size=1, max_size=6), min_size=1, max_size=5))
 def test_the_twins_agree_on_random_groups(tmp_path_factory: pytest.TempPathFactory, groups: Any) -> None:
-    compiled = compiled_group()
+    compiled = compiled_twin("sqlite_group")
     outcomes: dict[str, list[Any]] = {}
     stored: dict[str, Any] = {}
     for name, module in (("python", _py_sqlite_group), ("c", compiled)):
