@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from aobd.config import Config
+    from aobd.daemon.service import Service
 
 T = TypeVar("T")
 
@@ -45,6 +50,21 @@ def compiled_twin(name: str) -> ModuleType:
         if os.environ.get("AOBD_IMPL", "").strip().lower() == "c":
             pytest.fail(f"AOBD_IMPL=c but aobd._fast.{name} cannot be imported: {exc}")
         pytest.skip(f"aobd._fast.{name} is not built ({exc}); run `make build`")
+
+
+@contextlib.asynccontextmanager
+async def started_service(config: Config) -> AsyncIterator[Service]:
+    """A daemon's Service on the stores ``config`` names: started (unfinished runs resumed) before the block,
+    closed after it."""
+    from aobd.daemon.service import Service
+    from aobd.store.factory import open_stores
+
+    service = Service(config, await open_stores(config))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
 
 
 def require_services() -> bool:

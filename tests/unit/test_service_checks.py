@@ -10,12 +10,11 @@ import pytest
 
 from aobd.api import schemas as s
 from aobd.config import Config, SecurityConfig
-from aobd.daemon.service import Caller, Service
+from aobd.daemon.service import Caller
 from aobd.errors import WorkflowInvalid
 from aobd.model.canonical import canonical_json, sha256_ref
 from aobd.model.validate import load_workflow
-from aobd.store.factory import open_stores
-from tests.conftest import run_async
+from tests.conftest import run_async, started_service
 
 CALLER = Caller("default", "write", "test")
 
@@ -30,10 +29,9 @@ def test_a_version_compiled_for_a_resumed_run_is_still_checked_against_the_allow
     doc = {"name": "rce", "nodes": [{"id": "x", "type": "function", "config": {"handler": "subprocess:run"}}]}
 
     async def main() -> None:
-        config = Config(data_dir=str(tmp_path), security=SecurityConfig(handler_modules=["perf"]))
-        service = Service(config, await open_stores(config))
-        await service.start()
-        try:
+        async with started_service(
+            Config(data_dir=str(tmp_path), security=SecurityConfig(handler_modules=["perf"]))
+        ) as service:
             version = sha256_ref(canonical_json(doc))
             service.engine.ir_cache.get(version, lambda: load_workflow(doc))  # as a resumed run compiles it
             for _ in range(2):
@@ -44,7 +42,5 @@ def test_a_version_compiled_for_a_resumed_run_is_still_checked_against_the_allow
                 summary = await service.start_run(CALLER, _start(allowed), wait_s=10)
                 assert summary["status"] == "completed"
             assert len(await service.log.list_runs(limit=10)) == 2  # the refused starts recorded nothing
-        finally:
-            await service.close()
 
     run_async(main())

@@ -8,18 +8,14 @@ import msgspec
 
 from aobd.api import schemas as s
 from aobd.config import Config
-from aobd.daemon.service import Caller, Service
+from aobd.daemon.service import Caller
 from aobd.engine.driver import new_run_id
-from aobd.store.factory import open_stores
-from tests.conftest import fn, run_async, workflow
+from tests.conftest import fn, run_async, started_service, workflow
 
 
 def test_a_retry_records_the_run_a_dead_attempt_claimed_under_the_same_id(tmp_path: Path) -> None:
     async def main() -> None:
-        config = Config(data_dir=str(tmp_path))
-        service = Service(config, await open_stores(config))
-        await service.start()
-        try:
+        async with started_service(Config(data_dir=str(tmp_path))) as service:
             caller = Caller("default", "write", "test")
             claimed = new_run_id()
             # the first attempt claimed the key, then its process was killed before RunCreated was committed
@@ -32,7 +28,5 @@ def test_a_retry_records_the_run_a_dead_attempt_claimed_under_the_same_id(tmp_pa
             again = await service.start_run(caller, body)
             assert again["run_id"] == claimed
             assert [r.run_id for r in await service.log.list_runs(limit=10)] == [claimed]
-        finally:
-            await service.close()
 
     run_async(main())

@@ -10,18 +10,14 @@ import msgspec
 
 from aobd.api import schemas as s
 from aobd.config import Config
-from aobd.daemon.service import Caller, Service
+from aobd.daemon.service import Caller
 from aobd.model import events as ev
-from aobd.store.factory import open_stores
-from tests.conftest import edge, fn, run_async, workflow
+from tests.conftest import edge, fn, run_async, started_service, workflow
 
 
 def test_a_workspace_owns_every_blob_its_run_recorded_and_no_other_does(tmp_path: Path) -> None:
     async def main() -> None:
-        config = Config(data_dir=str(tmp_path))
-        service = Service(config, await open_stores(config))
-        await service.start()
-        try:
+        async with started_service(Config(data_dir=str(tmp_path))) as service:
             team, other = Caller("team", "write", "test"), Caller("other", "write", "test")
             # Every recorded value differs from the others: a's inputs (its output too, echo), b's inputs, b's output
             # (noop: null), the run's inputs and outputs; so each kind of event must have recorded its own ref.
@@ -47,18 +43,13 @@ def test_a_workspace_owns_every_blob_its_run_recorded_and_no_other_does(tmp_path
             for ref in refs:
                 assert (await service.get_blob(team, ref)) == await service.cas.get(ref)
                 assert not await service.meta.owns_ref(other.workspace, ref), ref
-        finally:
-            await service.close()
 
     run_async(main())
 
 
 def test_an_approval_is_listed_while_it_waits_and_not_after_its_run_is_cancelled(tmp_path: Path) -> None:
     async def main() -> None:
-        config = Config(data_dir=str(tmp_path))
-        service = Service(config, await open_stores(config))
-        await service.start()
-        try:
+        async with started_service(Config(data_dir=str(tmp_path))) as service:
             caller = Caller("default", "write", "test")
             gate = {"id": "gate", "type": "approval", "config": {"assignees": ["ops"], "timeout": "2h"}}
             body = msgspec.convert({"definition": workflow([fn("a"), gate], [edge("a", "gate")])}, s.RunStart)
@@ -72,7 +63,5 @@ def test_an_approval_is_listed_while_it_waits_and_not_after_its_run_is_cancelled
             assert await service.list_approvals(Caller("other", "write", "test"), None) == []
             await service.cancel(caller, run_id, "changed my mind")
             assert await service.list_approvals(caller, "pending") == []
-        finally:
-            await service.close()
 
     run_async(main())
