@@ -23,6 +23,7 @@ from libc.limits cimport INT_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport strdup, strncpy
 
+import os
 import sqlite3
 
 from aobd._fast._py_sqlite_group import (
@@ -174,7 +175,7 @@ cdef class GroupWriter:
     cdef object _keep  # the encoded SQL, alive while the statements are
 
     def __init__(self, str path, pragmas):
-        cdef bytes encoded = path.encode()
+        cdef bytes encoded = os.fsencode(path)  # as Python's sqlite3 passes a path to SQLite
         cdef const char* filename = encoded
         cdef int rc
         with nogil:
