@@ -5,6 +5,9 @@ to one writer thread that commits whatever queued up during the previous commit 
 hundreds of appends share an fsync, while a lone append still commits immediately. The expected-seq check runs
 inside that transaction against the run index (``runs.last_seq``), which makes it correct even when several
 processes append to the same file; a conflicting append is skipped without disturbing the rest of its group.
+This module queues the appends and owns the thread, the lock writers of other processes queue on, the metrics and
+the errors; the transaction itself is ``aobd._fast.SqliteGroupWriter`` (a pure-Python reference, and a C twin
+that runs a whole group with the GIL released).
 
 Reads use per-thread read connections (WAL lets them run while the writer commits); short ones run inline on
 the event loop, long ones in a thread (see ``DIRECT_READ_LIMIT``).
@@ -77,8 +80,6 @@ _MIGRATIONS: Final[list[list[str]]] = [
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
-# The group commit itself (the run index writes, the events, COMMIT) is aobd._fast's SqliteGroupWriter: a pure-Python
-# reference and a C twin that runs a whole group with the GIL released.
 _SELECT_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?"
 _READ = "SELECT seq, type, ts, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 
