@@ -33,6 +33,15 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_s: float = 15.0
     #: Events buffered per stream subscriber before a slow one is disconnected.
     stream_buffer: int = 1024
+    #: Listen backlog of the API's socket: connections the kernel holds until a worker accepts them (the kernel
+    #: caps it at net.core.somaxconn, see tuning/90-aobd.conf). Beyond it, new connections are dropped and their
+    #: clients retry after 1, 3, 7, 15... seconds.
+    backlog: Annotated[int, msgspec.Meta(ge=128)] = 1024
+    #: Requests each HTTP worker serves at once (granian's backpressure); further connections wait in the backlog.
+    #: A long-poll (POST /v1/runs?wait=) and a stream (SSE, WebSocket) hold theirs for as long as they last, so
+    #: this bounds waiting clients plus stream subscribers, not the request rate. granian's own default (128 for
+    #: an embedded server) let 128 open streams make the API unreachable.
+    max_concurrent_requests: Annotated[int, msgspec.Meta(ge=1)] = 8192
 
 
 class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -44,7 +44,10 @@ async def run_cluster(
         latencies: list[float] = []
         run_ids: list[str] = []
         done: list[bool] = []
-        async with aiohttp.ClientSession(headers={"content-type": "application/json"}) as http:
+        # A connection per client: aiohttp's default pool of 100 left the clients beyond 100 waiting for a
+        # connection the whole measurement (their first run "took" its whole length), so C = 200 measured 100.
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector, headers={"content-type": "application/json"}) as http:
             queue = iter(range(runs))
 
             async def client(k: int) -> None:

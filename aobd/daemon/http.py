@@ -28,6 +28,8 @@ def start_granian(api: Api, config: Config, host: str, port: int) -> tuple[Any, 
         interface=Interfaces.ASGI,
         http=HTTPModes.auto,
         websockets=True,
+        backlog=config.api.backlog,
+        backpressure=config.api.max_concurrent_requests,
         log_enabled=False,
         **tls,
     )

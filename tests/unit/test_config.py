@@ -57,6 +57,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[daemon]\ngc_thresholds = [700, 10, 10, 10]\n", "daemon.gc_thresholds"),
         ("[daemon]\ngc_thresholds = [0]\n", "daemon.gc_thresholds"),
         ("[daemon]\nswitch_interval_ms = -1\n", "daemon.switch_interval_ms"),
+        ("[api]\nbacklog = 10\n", "api.backlog"),
+        ("[api]\nmax_concurrent_requests = 0\n", "api.max_concurrent_requests"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, says: str) -> None:
