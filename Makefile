@@ -62,6 +62,7 @@ bench: build
 	$(PY) -m perf.bench_routing
 	$(PY) -m perf.bench_store
 	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
+	$(PY) -m perf.longpoll --requests 300
 
 # Where in-process W6 spends its CPU (py-spy, --nonblocking: see docs/decisions.md), summarized by function.
 profile: build

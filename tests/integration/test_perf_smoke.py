@@ -36,6 +36,12 @@ def test_w6_inprocess_prints_every_figure() -> None:
     assert result["cpu_ms_per_1000_nodes"] > 0
 
 
+def test_longpoll_reports_the_latency_of_simultaneous_waiting_clients() -> None:
+    result = harness("perf.longpoll", "--requests", "6", "--sleep-ms", "50", "--json")
+    assert result["statuses"] == {"201": 6}
+    assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] <= result["latency_max_s"]
+
+
 def test_floor_runs_beside_aobd_and_reports_the_ratio() -> None:
     result = harness("perf.floor", "--runs", "60", "--concurrency", "8", "--json")
     assert result["floor"]["completed"] == 60 and result["aobd"]["completed"] == 60
