@@ -33,8 +33,8 @@ from aobd._fast._py_sqlite_group import (
     INSERT_NEW_RUN,
     SELECT_LAST,
     leaves_index,
+    new_run_row,
 )
-from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE
 
 
 cdef extern from "Python.h":
@@ -249,7 +249,7 @@ cdef class GroupWriter:
         cdef Pending* pending = <Pending*>calloc(n if n else 1, sizeof(Pending))
         cdef Record* records = <Record*>calloc(n_records if n_records else 1, sizeof(Record))
         cdef GroupStatus status
-        # Encoded copies of data that was not bytes already (the structs point into them).
+        # Objects the structs point into that nothing else holds: copies of data that was not bytes, new runs' rows.
         keep = []
         try:
             if pending == NULL or records == NULL:
@@ -297,10 +297,13 @@ cdef class GroupWriter:
                 raise ValueError(f"append to run {run_id!r} has no records")
             if p.records[0].seq == 1:
                 p.kind = NEW_RUN
-                _text((index.workflow if index is not None else None) or "", &p.workflow)
-                _text((index.status if index is not None else None) or DEFAULT_STATUS, &p.status)
-                _text(index.parent_run_id if index is not None else None, &p.parent_run_id)
-                _text((index.workspace if index is not None else None) or DEFAULT_WORKSPACE, &p.workspace)
+                # The reference's row, defaults filled in (columns as in RUN_COLUMNS).
+                row = new_run_row(run_id, recs, index)
+                keep.append(row)
+                _text(row[1], &p.workflow)
+                _text(row[2], &p.status)
+                _text(row[6], &p.parent_run_id)
+                _text(row[7], &p.workspace)
             elif leaves_index(index):
                 p.kind = ADVANCE_SEQ_ONLY
             else:
