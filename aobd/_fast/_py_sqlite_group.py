@@ -1,9 +1,18 @@
-"""One group commit of the SQLite event log: the pure-Python reference (``sqlite_group.pyx`` is its C twin).
+"""The SQLite event log's writer: the pure-Python reference (``sqlite_group.pyx`` is its C twin).
 
 :class:`GroupWriter` owns the writer connection of one database file and commits a group of appends in one
 transaction: the expected-seq check and the run index write of each append, then its events, then COMMIT (one
-WAL fsync for the group). :class:`aobd.store.sqlite_log.SqliteEventLog` queues the appends, holds the lock
-writers of other processes queue on, and turns the outcomes into the store's errors.
+WAL fsync for the group). It is used in one of two ways:
+
+* :meth:`GroupWriter.commit` commits one group, on the caller's thread;
+* :meth:`GroupWriter.start` starts the writer's own thread: :meth:`~GroupWriter.submit` queues an append,
+  the thread commits everything queued while it was committing the previous group as the next group (under
+  the lock writers of other processes queue on), and an eventfd becomes readable when a group is done, for
+  :meth:`~GroupWriter.collect` to return it. The event loop watches that eventfd, so the thread never waits
+  for the loop's thread (or its GIL) to hand over a group or to hear how one went.
+
+:class:`aobd.store.sqlite_log.SqliteEventLog` submits the appends, delivers the outcomes to the waiting
+coroutines and turns them into the store's errors.
 
 The outcome of each append, in group order:
 
@@ -20,7 +29,13 @@ A failure of the whole transaction (BEGIN, COMMIT, or an error that makes SQLite
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import queue
 import sqlite3
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -87,11 +102,31 @@ ADVANCE_SEQS: Final = _chunked(
     ),
 )
 
+CHECKPOINT: Final = "PRAGMA wal_checkpoint(PASSIVE)"
+
 _NO_INDEX = RunIndex()
+_STOP: Final = object()
+
+
+class GroupDone(NamedTuple):
+    """A group the writer thread is done with, as :meth:`GroupWriter.collect` returns it."""
+
+    appends: list[Append]
+    """The group's appends, as submitted, in commit order."""
+    outcomes: list[Outcome] | None
+    """Each append's outcome (see the module docstring); None if the whole transaction failed."""
+    error: str | None
+    """Why the transaction failed (None if it did not)."""
+    seconds: float
+    """Wall time from taking the writers' lock to releasing it: the transaction and its fsync, and the wait for
+    another process's group."""
 
 
 class GroupWriter:
-    """The writer connection of one SQLite file. Used by one thread at a time (the log's writer thread).
+    """The writer connection of one SQLite file, and the thread that commits on it once started.
+
+    Used by one thread at a time: the caller of :meth:`commit`, or, after :meth:`start`, the writer's own thread
+    (then :meth:`submit`, :meth:`collect` and :meth:`stop` may be called from any one thread).
 
     Args:
         path: the database file; it must exist with its schema (the log creates it before opening a writer).
@@ -100,7 +135,7 @@ class GroupWriter:
 
     def __init__(self, path: str, pragmas: Sequence[str]) -> None:
         # isolation_level=None: no implicit BEGINs. check_same_thread=False: opened by the log's constructor,
-        # used by its writer thread.
+        # used by the writer thread.
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             for pragma in pragmas:
@@ -108,6 +143,114 @@ class GroupWriter:
         except BaseException:
             self._conn.close()
             raise
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done: deque[GroupDone] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._wakeup = -1
+        self.checkpoints = 0
+        """WAL checkpoints the thread has run (one per ``checkpoint_every`` committed appends)."""
+
+    # -- the writer thread -----------------------------------------------------------------------------------
+
+    def start(self, lock_fd: int, max_batch: int, checkpoint_every: int) -> int:
+        """Start the writer thread; returns an eventfd that is readable while a group waits for :meth:`collect`.
+
+        Args:
+            lock_fd: a file the thread holds an exclusive ``flock`` on around each transaction, which writers of
+                other processes queue on (-1: none).
+            max_batch: most appends in one group.
+            checkpoint_every: run a passive WAL checkpoint after this many committed appends (after the group's
+                outcomes are out, not inside its COMMIT).
+        """
+        if self._thread is not None or self._stopping:
+            raise sqlite3.ProgrammingError("the group writer was started already")
+        if max_batch < 1 or checkpoint_every < 1:
+            raise ValueError("max_batch and checkpoint_every must be at least 1")
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread = threading.Thread(
+            target=self._main, args=(lock_fd, max_batch, checkpoint_every), name="aobd-sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        return self._wakeup
+
+    def submit(self, append: Append) -> None:
+        """Queue ``append`` for the next group; :meth:`collect` returns it, with its outcome, once committed."""
+        if self._thread is None or self._stopping:
+            raise sqlite3.ProgrammingError("the group writer is not running")
+        self._queue.put(append)
+
+    def collect(self) -> list[GroupDone]:
+        """The groups done since the last call, in commit order (empty if none)."""
+        # Read the eventfd before taking the groups: a group finished in between is taken now and leaves the
+        # eventfd readable once more, which costs an empty collect, never a lost wake-up.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wakeup)
+        done = []
+        while self._done:
+            done.append(self._done.popleft())
+        return done
+
+    def stop(self) -> None:
+        """Commit what is queued and stop the thread (blocks until it has); :meth:`collect` returns the rest."""
+        if self._thread is None or self._stopping:
+            self._stopping = True
+            return
+        self._stopping = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _main(self, lock_fd: int, max_batch: int, checkpoint_every: int) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        since_checkpoint = 0
+        stop = False
+        while not stop:
+            item = get()
+            if item is _STOP:
+                break
+            # Everything queued while the previous group was committing goes into this one.
+            group = [item]
+            while len(group) < max_batch:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                group.append(item)
+            done = self._commit_locked(group, lock_fd)
+            self._done.append(done)
+            os.eventfd_write(self._wakeup, 1)
+            if done.outcomes is not None:
+                since_checkpoint += done.outcomes.count(None)
+            if since_checkpoint >= checkpoint_every:
+                since_checkpoint = 0
+                self._checkpoint()
+
+    def _commit_locked(self, group: list[Append], lock_fd: int) -> GroupDone:
+        started = time.perf_counter()
+        try:
+            if lock_fd >= 0:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                outcomes: list[Outcome] | None = self.commit(group)
+                error = None
+            finally:
+                if lock_fd >= 0:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except Exception as exc:  # sqlite3.Error, OSError, or a bug: either way the appends' callers must hear of it
+            outcomes, error = None, str(exc) or type(exc).__name__
+        return GroupDone(group, outcomes, error, time.perf_counter() - started)
+
+    def _checkpoint(self) -> None:
+        try:
+            self._conn.execute(CHECKPOINT).fetchall()
+            self.checkpoints += 1
+        except sqlite3.Error:
+            pass  # e.g. busy with another process's checkpoint; the WAL just grows until the next one
+
+    # -- one group -------------------------------------------------------------------------------------------
 
     def commit(self, group: Sequence[Append]) -> list[Outcome]:
         """Commit ``group`` in one transaction; the outcome of each append (see the module docstring)."""
@@ -130,7 +273,12 @@ class GroupWriter:
             raise
 
     def close(self) -> None:
+        """Stop the thread if it runs (see :meth:`stop`) and close the connection and the eventfd."""
+        self.stop()
         self._conn.close()
+        if self._wakeup >= 0:
+            os.close(self._wakeup)
+            self._wakeup = -1
 
     def _transaction(self, group: Sequence[Append], apply: _Apply) -> list[Outcome]:
         conn = self._conn

@@ -5,9 +5,10 @@ to one writer thread that commits whatever queued up during the previous commit 
 hundreds of appends share an fsync, while a lone append still commits immediately. The expected-seq check runs
 inside that transaction against the run index (``runs.last_seq``), which makes it correct even when several
 processes append to the same file; a conflicting append is skipped without disturbing the rest of its group.
-This module queues the appends and owns the thread, the lock writers of other processes queue on, the metrics and
-the errors; the transaction itself is ``aobd._fast.SqliteGroupWriter`` (a pure-Python reference, and a C twin
-that runs a whole group with the GIL released).
+The writer, its thread and the transaction are ``aobd._fast.SqliteGroupWriter`` (a pure-Python reference, and a
+C twin whose thread never takes the GIL); this module submits the appends, delivers their outcomes on the event
+loop, which watches the writer's eventfd, and owns the lock writers of other processes queue on, the metrics and
+the errors.
 
 Reads use per-thread read connections (WAL lets them run while the writer commits); short ones run inline on
 the event loop, long ones in a thread (see ``DIRECT_READ_LIMIT``).
@@ -17,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
-import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from aobd._fast import SqliteGroupWriter
-from aobd._fast._py_sqlite_group import RUN_COLUMNS, SELECT_LAST
+from aobd._fast._py_sqlite_group import RUN_COLUMNS, SELECT_LAST, GroupDone
 from aobd.errors import StoreError
 from aobd.store.memory import conflict, validate_append
 from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
@@ -94,16 +92,15 @@ CHECKPOINT_EVERY: Final = 1000
 _BUSY_TIMEOUT_MS: Final = 5000
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
-#: Settings of both writing connections (the group writer's and the one that migrates and checkpoints).
+#: Settings of both writing connections (the group writer's, and the one that sets up and migrates the file).
 _WRITER_PRAGMAS: Final = (
     f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}",
     "PRAGMA synchronous = FULL",
-    # Checkpoints run after a group is acknowledged (_maybe_checkpoint), not inside its COMMIT.
+    # The writer runs checkpoints after a group's outcomes are out (CHECKPOINT_EVERY), not inside its COMMIT.
     "PRAGMA wal_autocheckpoint = 0",
     # After a burst (or a long reader blocking checkpoints) the WAL is cut back to this when it restarts.
     f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}",
 )
-_STOP: Final = object()
 
 
 @dataclass(slots=True)
@@ -135,8 +132,8 @@ class GroupCommitMetrics:
     """WAL checkpoints run by the writer."""
 
 
-# One queued append: run id, records, index, and where to deliver the outcome.
-_Pending = tuple[str, Sequence[EventRecord], RunIndex | None, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+# One submitted append: run id, records, index (what the group writer reads) and the future its caller awaits.
+_Pending = tuple[str, Sequence[EventRecord], RunIndex | None, "asyncio.Future[None]"]
 
 
 class SqliteEventLog:
@@ -144,6 +141,10 @@ class SqliteEventLog:
 
     Opening (the constructor) creates the parent directories and the schema and starts the writer thread; it
     does a little blocking I/O, as daemon start-up may. Call :meth:`close` to flush and stop.
+
+    Outcomes are delivered on the event loop that appended first (it watches the writer's eventfd); appends from
+    another loop, running in another thread, have their futures resolved through that loop's
+    ``call_soon_threadsafe``. When the watching loop stops running, the next append's loop takes over.
 
     Args:
         path: the database file.
@@ -157,9 +158,8 @@ class SqliteEventLog:
         self.max_batch = max_batch
         self.metrics = GroupCommitMetrics()
         self._closed = False
-        # Orders "check closed, enqueue" against "mark closed, enqueue STOP" so no append lands after STOP.
+        # Orders "check closed, submit" against "mark closed, stop the writer" so no append lands after the stop.
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._read_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aobd-sqlite-read")
@@ -168,20 +168,19 @@ class SqliteEventLog:
         # this lock rather than on SQLite's busy handler, which polls with sleeps of 1, 2, 5, 10... ms: under
         # contention those sleeps were the p99 of a hop. A waiter on flock wakes the moment the holder commits.
         self._writers_lock = os.open(f"{self.path}-writers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._conn = self._connect()
         try:
-            self._setup()
-            self._group_writer = SqliteGroupWriter(str(self.path), _WRITER_PRAGMAS)
+            with contextlib.closing(self._connect()) as conn:
+                self._setup(conn)
+                self._group_writer = SqliteGroupWriter(str(self.path), _WRITER_PRAGMAS)
         except BaseException:
-            self._conn.close()
             os.close(self._writers_lock)
             self._read_pool.shutdown()
             raise
-        self._since_checkpoint = 0
-        self._writer = threading.Thread(target=self._writer_main, name=f"aobd-sqlite-writer:{self.path.name}")
-        # Daemon so a forgotten close() cannot hang interpreter exit: what it drops was never acknowledged.
-        self._writer.daemon = True
-        self._writer.start()
+        # The writer's own thread commits; a C twin's never takes the GIL, so it never waits for the event loop's
+        # thread between groups (docs/performance.md, "the writer that never waits for the loop").
+        self._wakeup = self._group_writer.start(self._writers_lock, max_batch, CHECKPOINT_EVERY)
+        #: The loop whose reader on ``_wakeup`` delivers the outcomes (see the class docstring).
+        self._watcher: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"SqliteEventLog({str(self.path)!r})"
@@ -212,71 +211,46 @@ class SqliteEventLog:
         with self._lock:
             if self._closed:
                 raise StoreError(f"event log {self.path} is closed")
-            self._queue.put((run_id, records, index, loop, future))
+            if loop is not self._watcher:
+                self._watch(loop)
+            self._group_writer.submit((run_id, records, index, future))
         await future
 
-    def _writer_main(self) -> None:
-        get, get_nowait, max_batch = self._queue.get, self._queue.get_nowait, self.max_batch
-        try:
-            stop = False
-            while not stop:
-                item = get()
-                if item is _STOP:
-                    break
-                # Everything that queued while the previous group was committing goes into this one.
-                group: list[_Pending] = [item]
-                while len(group) < max_batch:
-                    try:
-                        item = get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                        break
-                    group.append(item)
-                self._settle(group, self._commit_group(group))
-                self._maybe_checkpoint()
-        finally:
-            with self._lock:
-                self._closed = True
-            # Items are left only if the loop above died (it should not): fail them rather than hang callers.
-            leftovers: list[_Pending] = []
-            while True:
-                try:
-                    item = get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    leftovers.append(item)
-            if leftovers:
-                self._settle(leftovers, [StoreError(f"event log {self.path} stopped") for _ in leftovers])
-            self._group_writer.close()
-            self._conn.close()
-            os.close(self._writers_lock)
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have ``loop`` deliver the outcomes, unless another loop that is running does already."""
+        watcher = self._watcher
+        if watcher is not None and watcher.is_running():
+            return  # it resolves this loop's futures through call_soon_threadsafe
+        if watcher is not None and not watcher.is_closed():
+            watcher.remove_reader(self._wakeup)
+        loop.add_reader(self._wakeup, self._collect)
+        self._watcher = loop
 
-    def _commit_group(self, group: list[_Pending]) -> list[Exception | None]:
-        """Commit a group in one transaction, under the lock writers of other processes queue on; the outcome of
-        each append, in order (None: committed)."""
-        started = time.perf_counter()
-        fcntl.flock(self._writers_lock, fcntl.LOCK_EX)
-        try:
-            written = self._group_writer.commit(group)
-        except Exception as exc:  # sqlite3.Error, or a bug: either way the callers must hear of it
-            self.metrics.failures += len(group)
-            # One instance per append: an exception raised in many tasks would collect all their tracebacks.
-            message = f"event log {self.path}: commit of {len(group)} appends failed: {exc}"
-            return [StoreError(message) for _ in group]
-        finally:
-            fcntl.flock(self._writers_lock, fcntl.LOCK_UN)
-        elapsed = time.perf_counter() - started
+    def _collect(self) -> None:
+        """Deliver the outcomes of the groups the writer is done with (the reader callback of ``_wakeup``)."""
+        for done in self._group_writer.collect():
+            self._deliver(done.appends, self._outcomes(done))
+        self.metrics.checkpoints = self._group_writer.checkpoints
+
+    def _outcomes(self, done: GroupDone) -> list[Exception | None]:
+        """A group's outcomes as the store reports them, counted in the metrics."""
         m = self.metrics
+        group = done.appends
+        m.last_batch_size = len(group)
+        m.max_batch_size = max(m.max_batch_size, len(group))
+        if done.outcomes is None:
+            m.failures += len(group)
+            # One instance per append: an exception raised in many tasks would collect all their tracebacks.
+            message = f"event log {self.path}: commit of {len(group)} appends failed: {done.error}"
+            return [StoreError(message) for _ in group]
         m.commits += 1
+        m.last_commit_seconds = done.seconds
+        m.commit_seconds_total += done.seconds
         outcomes: list[Exception | None] = []
-        for (run_id, records, _, _, _), outcome in zip(group, written):
+        for (run_id, records, _, _), outcome in zip(group, done.outcomes):
             if outcome is None:
                 m.appends += 1
                 m.records += len(records)
-                self._since_checkpoint += 1
                 outcomes.append(None)
             elif isinstance(outcome, int):
                 m.conflicts += 1
@@ -284,41 +258,22 @@ class SqliteEventLog:
             else:
                 m.failures += 1
                 outcomes.append(StoreError(f"event log {self.path}: append to run {run_id!r} failed: {outcome}"))
-        m.last_batch_size = len(group)
-        m.max_batch_size = max(m.max_batch_size, len(group))
-        m.last_commit_seconds = elapsed
-        m.commit_seconds_total += elapsed
         return outcomes
 
     @staticmethod
-    def _settle(group: list[_Pending], outcomes: Sequence[Exception | None]) -> None:
-        # One wake-up per event loop per group instead of one per append: each call_soon_threadsafe writes to
-        # the loop's self-pipe.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Exception | None]]] = {}
-        for (_, _, _, loop, future), outcome in zip(group, outcomes):
-            by_loop.setdefault(loop, []).append((future, outcome))
-        for loop, results in by_loop.items():
-            # RuntimeError: the loop is closed, so nobody is waiting for these any more.
+    def _deliver(group: Sequence[_Pending], outcomes: Sequence[Exception | None]) -> None:
+        here = asyncio.get_running_loop()
+        elsewhere: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Exception | None]]] = {}
+        for (_, _, _, future), outcome in zip(group, outcomes):
+            loop = future.get_loop()
+            if loop is here:
+                _resolve(future, outcome)
+            else:
+                elsewhere.setdefault(loop, []).append((future, outcome))
+        for loop, results in elsewhere.items():
+            # One wake-up per other loop per group. RuntimeError: the loop is closed, nobody waits for these.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, results)
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            # If ROLLBACK fails the transaction is gone anyway; the next BEGIN starts clean.
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-
-    def _maybe_checkpoint(self) -> None:
-        # Autocheckpoint is off on the writer connection: it would run inside COMMIT and delay the group's
-        # acknowledgements. Here the group has been acknowledged already. PASSIVE never waits for readers.
-        if self._since_checkpoint < CHECKPOINT_EVERY:
-            return
-        self._since_checkpoint = 0
-        try:
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self.metrics.checkpoints += 1
-        except sqlite3.Error:
-            pass  # e.g. busy with another process's checkpoint; the WAL just grows until the next attempt
+                loop.call_soon_threadsafe(_resolve_all, results)
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -418,13 +373,26 @@ class SqliteEventLog:
     async def close(self) -> None:
         """Commit what is queued, stop the writer thread and close every connection. Idempotent."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(_STOP)
+            first = not self._closed
+            self._closed = True
+        if not first:
+            return
         await asyncio.to_thread(self._shutdown)
+        # The groups committed since the last wake-up, and those the stop flushed.
+        self._collect()
+        watcher = self._watcher
+        if watcher is not None and not watcher.is_closed():
+            if watcher is asyncio.get_running_loop():
+                watcher.remove_reader(self._wakeup)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    watcher.call_soon_threadsafe(watcher.remove_reader, self._wakeup)
+        self._watcher = None
+        self._group_writer.close()
+        os.close(self._writers_lock)
 
     def _shutdown(self) -> None:
-        self._writer.join()
+        self._group_writer.stop()
         self._read_pool.shutdown(wait=True)
         with self._lock:
             readers, self._readers = self._readers, []
@@ -447,22 +415,20 @@ class SqliteEventLog:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
 
-    def _setup(self) -> None:
-        """WAL mode (it stays with the file) and the schema, on the connection the writer thread also runs
-        checkpoints with; the group writer opens its own connection afterwards."""
-        conn = self._conn
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        """WAL mode (it stays with the file) and the schema, on a connection of their own; the group writer
+        opens its connection afterwards."""
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"event log {self.path}: SQLite refused WAL mode (journal_mode is {mode!r})")
             for pragma in _WRITER_PRAGMAS:
                 conn.execute(pragma)
-            self._migrate()
+            self._migrate(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open event log {self.path}: {exc}") from exc
 
-    def _migrate(self) -> None:
-        conn = self._conn
+    def _migrate(self, conn: sqlite3.Connection) -> None:
         # Read inside the write transaction: two processes opening a fresh file must not both create tables.
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -479,15 +445,22 @@ class SqliteEventLog:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            self._rollback()
+            if conn.in_transaction:
+                # If ROLLBACK fails the transaction is gone anyway.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
 
 
-def _deliver(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
+def _resolve(future: asyncio.Future[None], outcome: Exception | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)
+
+
+def _resolve_all(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
     for future, outcome in results:
-        if future.done():  # the caller was cancelled
-            continue
-        if outcome is None:
-            future.set_result(None)
-        else:
-            future.set_exception(outcome)
+        _resolve(future, outcome)

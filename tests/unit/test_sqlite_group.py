@@ -10,7 +10,11 @@ test_store_contract.py, which runs with whichever writer ``AOBD_IMPL`` selects.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import select
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -150,6 +154,104 @@ def test_a_closed_writer_refuses_to_commit(impl: ModuleType, tmp_path: Path) -> 
     w.close()
     with pytest.raises(sqlite3.Error):
         w.commit([("a", recs("a", 1, 1), None)])
+
+
+# -- the writer thread ------------------------------------------------------------------------------------------
+
+
+def readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def collect_until(writer: Any, wakeup: int, appends: int, timeout: float = 5.0) -> list[Any]:
+    """The groups ``collect`` returns, waiting on the eventfd as the event loop does, until ``appends`` are back."""
+    done: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while sum(len(g.appends) for g in done) < appends:
+        assert readable(wakeup, max(0.0, deadline - time.monotonic())), "the writer did not signal in time"
+        done += writer.collect()
+    return done
+
+
+def test_the_thread_commits_what_is_submitted_and_signals_each_group(writer: Any, tmp_path: Path) -> None:
+    wakeup = writer.start(-1, 1024, 1000)
+    tickets = [("a", recs("a", 1, 2), RunIndex(workflow="w"), "t1"), ("b", recs("b", 1, 1), None, "t2")]
+    for append in tickets:
+        writer.submit(append)
+    stale = ("a", recs("a", 1, 1), None, "t3")  # a is at 2 by the time this one commits
+    done = collect_until(writer, wakeup, 2)
+    writer.submit(stale)
+    done += collect_until(writer, wakeup, 1)
+    # The appends come back as submitted (the same objects, so a caller can carry its future in them), in order.
+    assert [a for g in done for a in g.appends] == [*tickets, stale]
+    assert all(a is b for a, b in zip([a for g in done for a in g.appends], [*tickets, stale]))
+    assert [o for g in done for o in g.outcomes] == [None, None, 2]
+    assert all(g.error is None and g.seconds > 0 for g in done)
+    assert writer.collect() == []  # nothing is returned twice
+    writer.stop()
+    events, runs = rows(tmp_path / "events.db")
+    assert [(r, s) for r, s, *_ in events] == [("a", 1), ("a", 2), ("b", 1)]
+    assert [(r[0], r[1], r[5]) for r in runs] == [("a", "w", 2), ("b", "", 1)]
+
+
+def test_stop_commits_what_is_queued_and_refuses_more(writer: Any, tmp_path: Path) -> None:
+    writer.start(-1, 4, 1000)
+    appends = [(f"r{i}", recs(f"r{i}", 1, 1), None) for i in range(10)]
+    for append in appends:
+        writer.submit(append)
+    writer.stop()
+    done = writer.collect()
+    assert [a for g in done for a in g.appends] == appends
+    assert [o for g in done for o in g.outcomes] == [None] * 10
+    assert max(len(g.appends) for g in done) <= 4  # max_batch
+    assert len(rows(tmp_path / "events.db")[1]) == 10
+    with pytest.raises(sqlite3.Error):
+        writer.submit(("late", recs("late", 1, 1), None))
+
+
+def test_a_failed_transaction_is_reported_for_its_whole_group(writer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock past the writer's busy timeout (50 ms)
+    try:
+        wakeup = writer.start(-1, 1024, 1000)
+        writer.submit(("a", recs("a", 1, 1), None))
+        [group] = collect_until(writer, wakeup, 1)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert group.outcomes is None and "locked" in group.error
+    writer.submit(("a", recs("a", 1, 1), None))  # no transaction was left open
+    assert collect_until(writer, wakeup, 1)[0].outcomes == [None]
+
+
+def test_the_thread_holds_the_writers_lock_around_each_group(writer: Any, tmp_path: Path) -> None:
+    lock_path = tmp_path / "writers.lock"
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    other = os.open(lock_path, os.O_RDWR)  # another open file description, as another process would have
+    try:
+        wakeup = writer.start(lock_fd, 1024, 1000)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        writer.submit(("a", recs("a", 1, 1), None))
+        assert not readable(wakeup, 0.2)  # waits for the other writer
+        assert rows(tmp_path / "events.db") == ([], [])
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert collect_until(writer, wakeup, 1)[0].outcomes == [None]
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after the group: free at once
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        writer.stop()
+        os.close(other)
+        os.close(lock_fd)
+
+
+def test_the_thread_checkpoints_the_wal_every_so_many_appends(writer: Any, tmp_path: Path) -> None:
+    wakeup = writer.start(-1, 1024, 3)
+    for i in range(7):
+        writer.submit((f"r{i}", recs(f"r{i}", 1, 1), None))
+        collect_until(writer, wakeup, 1)
+    writer.stop()
+    assert writer.checkpoints == 2  # after the 3rd and the 6th
 
 
 # -- the two implementations side by side ----------------------------------------------------------------------

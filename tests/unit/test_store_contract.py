@@ -484,17 +484,20 @@ def test_sqlite_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
 
     async def body(log: SqliteEventLog) -> None:
         with _write_lock_held(path):
+            first = asyncio.ensure_future(log.append("first", recs("first", 1, 1)))
+            await asyncio.sleep(0.05)  # the writer has taken it, alone, and waits for the lock
             tasks = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 1, 2))) for i in range(300)]
             tasks.append(asyncio.ensure_future(log.append("r7", recs("r7", 1, 1))))  # conflicts in the group
             await asyncio.sleep(0.1)
             assert log.metrics.commits == 0
+        await first
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert outcomes[:300] == [None] * 300
         assert isinstance(outcomes[300], ConflictError)
         m = log.metrics
-        # The writer may have taken the first append alone before it blocked; everything else is one group.
-        assert m.commits <= 2 and m.max_batch_size >= 300
-        assert (m.appends, m.records, m.conflicts, m.failures) == (300, 600, 1, 0)
+        # Everything queued while the first group waited is the second group.
+        assert m.commits == 2 and m.max_batch_size == 301
+        assert (m.appends, m.records, m.conflicts, m.failures) == (301, 601, 1, 0)
         assert m.last_commit_seconds > 0 and m.commit_seconds_total >= m.last_commit_seconds
 
     run(lambda: SqliteEventLog(path), body)
