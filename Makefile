@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
-# Cython twins built in place; the pure-Python references remain the specification. The SQLite group writer
-# links the system libsqlite3 (the one Python's sqlite3 module uses) and needs its header (Debian libsqlite3-dev).
-$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx) | sqlite-headers
-	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace
+# Cython twins and the compiled engine modules (aobd/_impl.py), built in place; the pure-Python sources remain the
+# specification. The SQLite group writer links the system libsqlite3 (the one Python's sqlite3 module uses) and
+# needs its header (Debian libsqlite3-dev).
+COMPILED := $(shell $(PYTHON) -c "import runpy; m = runpy.run_path('aobd/_impl.py'); print(' '.join(m['source_path'](n, '') for n in m['COMPILED_MODULES']))")
+$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx) aobd/_impl.py $(COMPILED) | sqlite-headers
+	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace --parallel 2
 	touch $@
 
 build: $(EXT_STAMP)

@@ -5,4 +5,9 @@ graph, which are validated, kept as overlays on the never-mutated base, and take
 decisions. Everything is an append-only event.
 """
 
+from aobd import _impl
+
 __version__ = "0.1.0"
+
+# Before anything else of aobd loads: which form of the compiled engine modules to import (AOBD_IMPL).
+_impl.install()

@@ -8,21 +8,19 @@ The choice is made once, here, at import (as psycopg does with ``PSYCOPG_IMPL``)
 * ``AOBD_IMPL=auto`` (default): compiled when available, else pure Python.
 
 Callers import from ``aobd._fast`` only; ``__impl__`` records which one was chosen ("c" or "python") so the
-daemon can log it and export it as a metric label.
+daemon can log it and export it as a metric label. The engine modules compiled from their own source are chosen by
+the same ``AOBD_IMPL``, in ``aobd._impl``.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
-_VALID = ("auto", "c", "python")
+from aobd import _impl
 
 
 def _choose() -> tuple[ModuleType, ModuleType, ModuleType, str]:
-    wanted = os.environ.get("AOBD_IMPL", "auto").strip().lower() or "auto"
-    if wanted not in _VALID:
-        raise ImportError(f"AOBD_IMPL={wanted!r} is not one of {', '.join(_VALID)}")
+    wanted = _impl.wanted()
     from aobd._fast import _py_jsonpatch, _py_routing, _py_sqlite_group
 
     if wanted == "python":
