@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml setup.py
 # specification. The SQLite group writer links the system libsqlite3 (the one Python's sqlite3 module uses) and
 # needs its header (Debian libsqlite3-dev).
 COMPILED := $(shell $(PYTHON) -c "import runpy; m = runpy.run_path('aobd/_impl.py'); print(' '.join(m['source_path'](n, '') for n in m['COMPILED_MODULES']))")
-$(EXT_STAMP): $(STAMP) $(wildcard aobd/_fast/*.pyx) aobd/_impl.py $(COMPILED) | sqlite-headers
+# Cython reuses generated C newer than its source, but the directives live in setup.py: a changed setup.py
+# regenerates it all.
+TWINS := $(wildcard aobd/_fast/*.pyx)
+$(EXT_STAMP): $(STAMP) setup.py $(TWINS) aobd/_impl.py $(COMPILED) | sqlite-headers
+	if [ -f $@ ] && [ setup.py -nt $@ ]; then rm -f $(COMPILED:.py=.c) $(TWINS:.pyx=.c); fi
 	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace --parallel 2
 	touch $@
 

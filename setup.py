@@ -71,9 +71,11 @@ def extensions() -> list:
     }
     twins = [f"aobd/_fast/{name}.pyx" for name in FAST_MODULES if os.path.exists(f"aobd/_fast/{name}.pyx")]
     # The Python sources compile with Python's semantics kept whole: negative indexes wrap, indexes are checked,
-    # division by zero raises (the twins' directives above would silently change what ``records[-1]`` means).
+    # division by zero raises (the twins' directives above would silently change what ``records[-1]`` means), and
+    # annotations stay hints (typed, ``data: bytes`` would refuse a bytearray the source accepts).
+    source_directives = {"language_level": "3", "annotation_typing": False}
     return cythonize(twins, compiler_directives=twin_directives, **common) + cythonize(
-        compiled_sources(), compiler_directives={"language_level": "3"}, **common
+        compiled_sources(), compiler_directives=source_directives, **common
     )
 
 
