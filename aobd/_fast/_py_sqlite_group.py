@@ -182,6 +182,8 @@ class GroupWriter:
 
     def collect(self) -> list[GroupDone]:
         """The groups done since the last call, in commit order (empty if none)."""
+        if self._wakeup < 0:
+            return []  # never started, or closed
         # Read the eventfd before taking the groups: a group finished in between is taken now and leaves the
         # eventfd readable once more, which costs an empty collect, never a lost wake-up.
         with contextlib.suppress(BlockingIOError):
@@ -234,7 +236,7 @@ class GroupWriter:
             if lock_fd >= 0:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                outcomes: list[Outcome] | None = self.commit(group)
+                outcomes: list[Outcome] | None = self._commit(group)
                 error = None
             finally:
                 if lock_fd >= 0:
@@ -254,6 +256,11 @@ class GroupWriter:
 
     def commit(self, group: Sequence[Append]) -> list[Outcome]:
         """Commit ``group`` in one transaction; the outcome of each append (see the module docstring)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise sqlite3.ProgrammingError("the group writer's thread owns the connection")
+        return self._commit(group)
+
+    def _commit(self, group: Sequence[Append]) -> list[Outcome]:
         try:
             try:
                 try:

@@ -168,19 +168,25 @@ class SqliteEventLog:
         # this lock rather than on SQLite's busy handler, which polls with sleeps of 1, 2, 5, 10... ms: under
         # contention those sleeps were the p99 of a hop. A waiter on flock wakes the moment the holder commits.
         self._writers_lock = os.open(f"{self.path}-writers.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        writer = None
         try:
             with contextlib.closing(self._connect()) as conn:
                 self._setup(conn)
-                self._group_writer = SqliteGroupWriter(str(self.path), _WRITER_PRAGMAS)
+                writer = SqliteGroupWriter(str(self.path), _WRITER_PRAGMAS)
+            # The writer's own thread commits; a C twin's never takes the GIL, so it never waits for the event
+            # loop's thread between groups (docs/performance.md, "the writer that never waits for the loop").
+            self._wakeup = writer.start(self._writers_lock, max_batch, CHECKPOINT_EVERY)
         except BaseException:
+            if writer is not None:
+                writer.close()
             os.close(self._writers_lock)
             self._read_pool.shutdown()
             raise
-        # The writer's own thread commits; a C twin's never takes the GIL, so it never waits for the event loop's
-        # thread between groups (docs/performance.md, "the writer that never waits for the loop").
-        self._wakeup = self._group_writer.start(self._writers_lock, max_batch, CHECKPOINT_EVERY)
+        self._group_writer = writer
         #: The loop whose reader on ``_wakeup`` delivers the outcomes (see the class docstring).
         self._watcher: asyncio.AbstractEventLoop | None = None
+        #: Set once close() has finished.
+        self._shut = threading.Event()
 
     def __repr__(self) -> str:
         return f"SqliteEventLog({str(self.path)!r})"
@@ -376,7 +382,15 @@ class SqliteEventLog:
             first = not self._closed
             self._closed = True
         if not first:
+            # Another close is under way: return once it has finished, as the first caller does.
+            await asyncio.to_thread(self._shut.wait)
             return
+        try:
+            await self._close()
+        finally:
+            self._shut.set()
+
+    async def _close(self) -> None:
         await asyncio.to_thread(self._shutdown)
         # The groups committed since the last wake-up, and those the stop flushed.
         self._collect()

@@ -245,6 +245,14 @@ def test_the_thread_holds_the_writers_lock_around_each_group(writer: Any, tmp_pa
         os.close(lock_fd)
 
 
+def test_a_running_writer_refuses_a_commit_on_the_callers_thread(writer: Any) -> None:
+    writer.start(-1, 1024, 1000)
+    with pytest.raises(sqlite3.Error, match="owns the connection"):
+        writer.commit([("a", recs("a", 1, 1), None)])
+    writer.stop()
+    assert writer.commit([("a", recs("a", 1, 1), None)]) == [None]  # stopped: the connection is the caller's
+
+
 def test_the_thread_checkpoints_the_wal_every_so_many_appends(writer: Any, tmp_path: Path) -> None:
     wakeup = writer.start(-1, 1024, 3)
     for i in range(7):

@@ -326,6 +326,25 @@ def test_closed_log_refuses_work_and_close_is_idempotent(make_log: Callable[[], 
     run(make_log, body)
 
 
+def test_sqlite_close_commits_what_is_queued_and_a_second_close_waits_for_it(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def main() -> None:
+        log = SqliteEventLog(path)
+        with _write_lock_held(path):  # the appends wait in the queue until the block ends
+            appends = [asyncio.ensure_future(log.append(f"r{i}", recs(f"r{i}", 1, 1))) for i in range(20)]
+            await asyncio.sleep(0.05)
+            closes = [asyncio.ensure_future(log.close()) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            assert not any(c.done() for c in closes)  # neither close returns before the flush
+        await asyncio.gather(*closes)
+        assert await asyncio.gather(*appends) == [None] * 20
+
+    asyncio.run(main())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 20
+
+
 # -- CAS contract --------------------------------------------------------------------------------------------
 
 
