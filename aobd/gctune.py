@@ -9,11 +9,12 @@ collections took 415 ms of 2.6 s (16%), six full ones at 49 ms each; with (20000
 frozen, 56 ms, and 2,800 workflows/s instead of 2,320 at the same peak RSS (docs/performance.md).
 
 The switch interval is how long a thread waiting for the GIL waits before it asks the running one to drop it
-(CPython's default: 5 ms). The SQLite log's writer thread needs the GIL twice per group commit, for a few
-microseconds, between a commit it runs without the GIL; while the event loop's thread computes, each of those
-waits delays the next group and every run waiting on it. At 1 ms, in-process W6 did 1.07-1.14x the workflows
-per second of the default, with the C group writer (docs/performance.md); below 1 ms the extra switches cost
-more CPU for no more throughput.
+(CPython's default: 5 ms). While the event loop's thread computes, every other Python thread of the process waits
+that long each time it needs the GIL: the pure-Python SQLite writer (``AOBD_IMPL=python``), the log's reader pool,
+the CAS's file writes. The C twin's writer thread no longer needs the GIL at all, so with the default build the
+setting changes nothing measurable on in-process W6 (8,490-8,699 against 8,527-8,648 workflows/s, 5 ms against
+1 ms, alternated); with the earlier writer, which took the GIL twice per group, 1 ms gave 1.07-1.14x
+(docs/performance.md). Below 1 ms the extra switches cost CPU for no more throughput.
 
 Library users who embed :class:`aobd.engine.driver.Engine` keep whatever settings their process has: only aobd's
 own entry points call these.
