@@ -8,6 +8,7 @@ down once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import msgspec
@@ -50,6 +51,16 @@ def conflict(run_id: str, first_seq: int, last_seq: int) -> ConflictError:
         f"(expected {last_seq + 1}); another writer appended first or this writer's view is stale",
         details=[{"run_id": run_id, "seq": first_seq, "last_seq": last_seq}],
     )
+
+
+def settle_append(future: asyncio.Future[None], outcome: Exception | None) -> None:
+    """Resolve a queued append's future with its outcome (None: committed), unless its caller gave up waiting."""
+    if future.done():  # the caller was cancelled
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)
 
 
 def parse_ref(ref: str) -> str:

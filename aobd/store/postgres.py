@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import msgspec
 
 from aobd.errors import ConflictError, StoreError
-from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, validate_append
+from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, settle_append, validate_append
 from aobd.store.meta import WorkflowEntry, WorkflowVersion
 from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
 from aobd.store.sqlite_log import GroupCommitMetrics
@@ -878,12 +878,7 @@ def _columns(records: Iterable[EventRecord]) -> tuple[list[str], list[int], list
 
 def _deliver(group: list[_Pending], outcomes: Sequence[Exception | None]) -> None:
     for (_, _, _, future), outcome in zip(group, outcomes):
-        if future.done():  # the caller was cancelled
-            continue
-        if outcome is None:
-            future.set_result(None)
-        else:
-            future.set_exception(outcome)
+        settle_append(future, outcome)
 
 
 # -- metadata ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Final, TypeVar
 from aobd._fast import SqliteGroupWriter
 from aobd._fast._py_sqlite_group import RUN_COLUMNS, SELECT_LAST, GroupDone
 from aobd.errors import StoreError
-from aobd.store.memory import conflict, validate_append
+from aobd.store.memory import conflict, settle_append, validate_append
 from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
 
 _T = TypeVar("_T")
@@ -273,13 +273,13 @@ class SqliteEventLog:
         for (_, _, _, future), outcome in zip(group, outcomes):
             loop = future.get_loop()
             if loop is here:
-                _resolve(future, outcome)
+                settle_append(future, outcome)
             else:
                 elsewhere.setdefault(loop, []).append((future, outcome))
         for loop, results in elsewhere.items():
             # One wake-up per other loop per group. RuntimeError: the loop is closed, nobody waits for these.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve_all, results)
+                loop.call_soon_threadsafe(_settle_all, results)
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -466,15 +466,6 @@ class SqliteEventLog:
             raise
 
 
-def _resolve(future: asyncio.Future[None], outcome: Exception | None) -> None:
-    if future.done():  # the caller was cancelled
-        return
-    if outcome is None:
-        future.set_result(None)
-    else:
-        future.set_exception(outcome)
-
-
-def _resolve_all(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
+def _settle_all(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
     for future, outcome in results:
-        _resolve(future, outcome)
+        settle_append(future, outcome)
