@@ -148,6 +148,8 @@ class GroupWriter:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._wakeup = -1
+        #: The group the thread is committing (to fail it, should the thread die).
+        self._taken: list[Append] = []
         self.checkpoints = 0
         """WAL checkpoints the thread has run (one per ``checkpoint_every`` committed appends)."""
 
@@ -203,6 +205,21 @@ class GroupWriter:
         self._thread.join()
 
     def _main(self, lock_fd: int, max_batch: int, checkpoint_every: int) -> None:
+        try:
+            self._serve(lock_fd, max_batch, checkpoint_every)
+        finally:
+            # Appends are left only if the loop died (it should not): fail them rather than leave callers waiting.
+            leftovers, self._taken = self._taken, []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._queue.get_nowait()
+                    if item is not _STOP:
+                        leftovers.append(item)
+            if leftovers:
+                self._done.append(GroupDone(leftovers, None, "the writer thread stopped", 0.0))
+                os.eventfd_write(self._wakeup, 1)
+
+    def _serve(self, lock_fd: int, max_batch: int, checkpoint_every: int) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         since_checkpoint = 0
         stop = False
@@ -221,8 +238,10 @@ class GroupWriter:
                     stop = True
                     break
                 group.append(item)
+            self._taken = group
             done = self._commit_locked(group, lock_fd)
             self._done.append(done)
+            self._taken = []
             os.eventfd_write(self._wakeup, 1)
             if done.outcomes is not None:
                 since_checkpoint += done.outcomes.count(None)

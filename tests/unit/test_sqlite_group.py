@@ -253,6 +253,28 @@ def test_a_running_writer_refuses_a_commit_on_the_callers_thread(writer: Any) ->
     assert writer.commit([("a", recs("a", 1, 1), None)]) == [None]  # stopped: the connection is the caller's
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_the_reference_fails_its_appends_if_its_thread_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug that kills the reference's thread must not leave callers waiting forever (the C thread cannot die)."""
+
+    class Killed(BaseException):
+        pass
+
+    def die(self: Any, group: Any, lock_fd: int) -> Any:
+        raise Killed
+
+    writer = _py_sqlite_group.GroupWriter(str(fresh_db(tmp_path / "events.db")), PRAGMAS)
+    monkeypatch.setattr(_py_sqlite_group.GroupWriter, "_commit_locked", die)
+    wakeup = writer.start(-1, 1024, 1000)
+    appends = [(f"r{i}", recs(f"r{i}", 1, 1), None) for i in range(3)]
+    for append in appends:
+        writer.submit(append)
+    done = collect_until(writer, wakeup, 3)
+    assert sorted(a[0] for g in done for a in g.appends) == ["r0", "r1", "r2"]
+    assert all(g.outcomes is None and g.error == "the writer thread stopped" for g in done)
+    writer.close()
+
+
 def test_the_thread_checkpoints_the_wal_every_so_many_appends(writer: Any, tmp_path: Path) -> None:
     wakeup = writer.start(-1, 1024, 3)
     for i in range(7):
