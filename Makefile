@@ -71,14 +71,17 @@ bench: build
 	$(PY) -m perf.longpoll --requests 300
 
 # Where in-process W6 spends its CPU (py-spy, --nonblocking: see docs/decisions.md), summarized by function.
+# AOBD_IMPL=python: compiled functions have no Python frames for py-spy to name, so the profile runs the same
+# engine from its source (and the SQLite writer's pure-Python twin).
 profile: build
-	$(VENV)/bin/py-spy record --nonblocking --gil -r 500 -f raw -o build/w6.spy -- \
+	AOBD_IMPL=python $(VENV)/bin/py-spy record --nonblocking --gil -r 500 -f raw -o build/w6.spy -- \
 		$(PY) -m perf.w6 --mode inprocess --runs 6000 --concurrency 64 --fidelity full
 	$(PY) -m perf.spy_top build/w6.spy --top 40
 
 # Where the multi-process daemon spends its CPU under W6 over HTTP/2 (needs h2load: apt-get install nghttp2-client).
 profile-planes: build
-	$(PY) -m perf.profile_planes --runs 10000
+	AOBD_IMPL=python $(PY) -m perf.profile_planes --runs 10000
 
 clean:
-	rm -rf build dist *.egg-info aobd/_fast/*.so aobd/_fast/*.c .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist *.egg-info aobd/_fast/*.so aobd/_fast/*.c $(COMPILED:.py=.c) $(COMPILED:.py=.*.so) \
+		$(EXT_STAMP) .pytest_cache .mypy_cache .ruff_cache
