@@ -191,8 +191,9 @@ class GroupWriter:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wakeup)
         done = []
-        while self._done:
-            done.append(self._done.popleft())
+        with contextlib.suppress(IndexError):  # emptied (by another collector, or by this loop)
+            while True:
+                done.append(self._done.popleft())
         return done
 
     def stop(self) -> None:

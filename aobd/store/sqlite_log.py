@@ -21,6 +21,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,9 +143,10 @@ class SqliteEventLog:
     Opening (the constructor) creates the parent directories and the schema and starts the writer thread; it
     does a little blocking I/O, as daemon start-up may. Call :meth:`close` to flush and stop.
 
-    Outcomes are delivered on the event loop that appended first (it watches the writer's eventfd); appends from
-    another loop, running in another thread, have their futures resolved through that loop's
-    ``call_soon_threadsafe``. When the watching loop stops running, the next append's loop takes over.
+    Outcomes are delivered by the event loops that append: each one watches the writer's eventfd, and whichever
+    wakes first collects the finished groups, resolving its own futures directly and other loops' through their
+    ``call_soon_threadsafe``. So a loop's appends are delivered as long as that loop runs, whatever other loops
+    (in other threads, or closed since) did.
 
     Args:
         path: the database file.
@@ -183,8 +185,10 @@ class SqliteEventLog:
             self._read_pool.shutdown()
             raise
         self._group_writer = writer
-        #: The loop whose reader on ``_wakeup`` delivers the outcomes (see the class docstring).
-        self._watcher: asyncio.AbstractEventLoop | None = None
+        #: The loops with a reader on ``_wakeup`` (see the class docstring).
+        self._watchers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        #: Serializes collecting, which loops in several threads may do at once.
+        self._collecting = threading.Lock()
         #: Set once close() has finished.
         self._shut = threading.Event()
 
@@ -217,26 +221,18 @@ class SqliteEventLog:
         with self._lock:
             if self._closed:
                 raise StoreError(f"event log {self.path} is closed")
-            if loop is not self._watcher:
-                self._watch(loop)
+            if loop not in self._watchers:
+                loop.add_reader(self._wakeup, self._collect)
+                self._watchers.add(loop)
             self._group_writer.submit((run_id, records, index, future))
         await future
 
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have ``loop`` deliver the outcomes, unless another loop that is running does already."""
-        watcher = self._watcher
-        if watcher is not None and watcher.is_running():
-            return  # it resolves this loop's futures through call_soon_threadsafe
-        if watcher is not None and not watcher.is_closed():
-            watcher.remove_reader(self._wakeup)
-        loop.add_reader(self._wakeup, self._collect)
-        self._watcher = loop
-
     def _collect(self) -> None:
         """Deliver the outcomes of the groups the writer is done with (the reader callback of ``_wakeup``)."""
-        for done in self._group_writer.collect():
-            self._deliver(done.appends, self._outcomes(done))
-        self.metrics.checkpoints = self._group_writer.checkpoints
+        with self._collecting:
+            for done in self._group_writer.collect():
+                self._deliver(done.appends, self._outcomes(done))
+            self.metrics.checkpoints = self._group_writer.checkpoints
 
     def _outcomes(self, done: GroupDone) -> list[Exception | None]:
         """A group's outcomes as the store reports them, counted in the metrics."""
@@ -394,14 +390,14 @@ class SqliteEventLog:
         await asyncio.to_thread(self._shutdown)
         # The groups committed since the last wake-up, and those the stop flushed.
         self._collect()
-        watcher = self._watcher
-        if watcher is not None and not watcher.is_closed():
-            if watcher is asyncio.get_running_loop():
+        here = asyncio.get_running_loop()
+        for watcher in list(self._watchers):
+            if watcher is here:
                 watcher.remove_reader(self._wakeup)
-            else:
-                with contextlib.suppress(RuntimeError):
+            elif not watcher.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: its reader went with it
                     watcher.call_soon_threadsafe(watcher.remove_reader, self._wakeup)
-        self._watcher = None
+        self._watchers.clear()
         self._group_writer.close()
         os.close(self._writers_lock)
 

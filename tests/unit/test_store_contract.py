@@ -12,6 +12,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -343,6 +344,75 @@ def test_sqlite_close_commits_what_is_queued_and_a_second_close_waits_for_it(tmp
     asyncio.run(main())
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 20
+
+
+def test_sqlite_appends_from_two_loops_in_two_threads_all_get_their_outcomes(tmp_path: Path) -> None:
+    """The first loop watches the writer; the other's futures are resolved through its call_soon_threadsafe."""
+    log_box: list[SqliteEventLog] = []
+    outcomes: dict[str, list[Any]] = {}
+
+    async def appender(name: str) -> None:
+        log = log_box[0]
+        tasks = [log.append(f"{name}{i}", recs(f"{name}{i}", 1, 2)) for i in range(50)]
+        tasks.append(log.append(f"{name}0", recs(f"{name}0", 1, 1)))  # conflicts with the first
+        outcomes[name] = await asyncio.gather(*tasks, return_exceptions=True)
+
+    def in_thread(name: str) -> None:
+        asyncio.run(appender(name))
+
+    async def main() -> None:
+        log_box.append(SqliteEventLog(tmp_path / "events.db"))
+        other = threading.Thread(target=in_thread, args=("b",))
+        other.start()
+        await appender("a")
+        await asyncio.to_thread(other.join)
+        await log_box[0].close()
+
+    asyncio.run(main())
+    for name in ("a", "b"):
+        assert outcomes[name][:50] == [None] * 50
+        assert isinstance(outcomes[name][50], ConflictError)
+
+
+def test_sqlite_appends_are_delivered_after_the_loop_that_watched_first_has_closed(tmp_path: Path) -> None:
+    """Loop B appends first and closes while loop A's appends wait behind a held write lock: A still gets them."""
+    path = tmp_path / "events.db"
+    log = SqliteEventLog(path)
+    b_closed = threading.Event()
+
+    def loop_b() -> None:
+        asyncio.run(log.append("b", recs("b", 1, 1)))
+        b_closed.set()
+
+    async def main() -> None:
+        with _write_lock_held(path):
+            thread_b = threading.Thread(target=loop_b)
+            thread_b.start()
+            await asyncio.sleep(0.05)  # B's append is queued (B watches), then A's
+            appends = [asyncio.ensure_future(log.append(f"a{i}", recs(f"a{i}", 1, 1))) for i in range(5)]
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(b_closed.wait, 5)
+        assert await asyncio.wait_for(asyncio.gather(*appends), timeout=5) == [None] * 5
+        await asyncio.to_thread(thread_b.join)
+        await log.close()
+
+    asyncio.run(main())
+
+
+def test_sqlite_a_log_outlives_the_loop_that_watched_it(tmp_path: Path) -> None:
+    """A log used from one asyncio.run, then another: the second loop takes over delivering the outcomes."""
+    log = SqliteEventLog(tmp_path / "events.db")
+
+    async def first() -> None:
+        await log.append("r", recs("r", 1, 1))
+
+    async def second() -> None:
+        await asyncio.wait_for(log.append("r", recs("r", 2, 2)), timeout=5)
+        assert await log.last_seq("r") == 3
+        await log.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
 
 
 # -- CAS contract --------------------------------------------------------------------------------------------
