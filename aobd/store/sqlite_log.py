@@ -187,6 +187,8 @@ class SqliteEventLog:
         self._group_writer = writer
         #: The loops with a reader on ``_wakeup`` (see the class docstring).
         self._watchers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        #: The loop of the latest append (only compared: it spares the common case the set lookup).
+        self._last_loop: asyncio.AbstractEventLoop | None = None
         #: Serializes collecting, which loops in several threads may do at once.
         self._collecting = threading.Lock()
         #: Set once close() has finished.
@@ -221,9 +223,11 @@ class SqliteEventLog:
         with self._lock:
             if self._closed:
                 raise StoreError(f"event log {self.path} is closed")
-            if loop not in self._watchers:
-                loop.add_reader(self._wakeup, self._collect)
-                self._watchers.add(loop)
+            if loop is not self._last_loop:  # the common case, one loop, costs a comparison
+                self._last_loop = loop
+                if loop not in self._watchers:
+                    loop.add_reader(self._wakeup, self._collect)
+                    self._watchers.add(loop)
             self._group_writer.submit((run_id, records, index, future))
         await future
 
@@ -398,6 +402,7 @@ class SqliteEventLog:
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: its reader went with it
                     watcher.call_soon_threadsafe(watcher.remove_reader, self._wakeup)
         self._watchers.clear()
+        self._last_loop = None
         self._group_writer.close()
         os.close(self._writers_lock)
 
