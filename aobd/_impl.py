@@ -7,7 +7,7 @@ Two kinds of compiled code exist:
 * the modules of :data:`COMPILED_MODULES`: the engine's per-node path, compiled unchanged from their ``.py`` source
   by Cython (``setup.py``). The source is the specification and what ``AOBD_IMPL=python`` runs; the build is the
   same code without the interpreter's dispatch. Measured on in-process W6 once the commit stopped bounding it:
-  1.14-1.16x (docs/performance.md, "the engine compiled").
+  1.11-1.16x at 64 runs in flight (docs/performance.md, "the engine compiled").
 
 A compiled module is an extension file next to its source (``machine.cpython-311-x86_64-linux-gnu.so`` beside
 ``machine.py``), which Python's own import would always prefer. :func:`install` puts a finder in front that

@@ -198,12 +198,12 @@ class GroupWriter:
 
     def stop(self) -> None:
         """Commit what is queued and stop the thread (blocks until it has); :meth:`collect` returns the rest."""
-        if self._thread is None or self._stopping:
-            self._stopping = True
-            return
+        running = self._thread is not None and not self._stopping
         self._stopping = True
-        self._queue.put(_STOP)
-        self._thread.join()
+        if running:
+            assert self._thread is not None
+            self._queue.put(_STOP)
+            self._thread.join()
 
     def _main(self, lock_fd: int, max_batch: int, checkpoint_every: int) -> None:
         try:

@@ -670,15 +670,8 @@ cdef class GroupWriter:
     # -- the writer thread -------------------------------------------------------------------------------------
 
     def start(self, int lock_fd, Py_ssize_t max_batch, long checkpoint_every):
-        """Start the writer thread; returns an eventfd that is readable while a group waits for :meth:`collect`.
-
-        Args:
-            lock_fd: a file the thread holds an exclusive ``flock`` on around each transaction, which writers of
-                other processes queue on (-1: none).
-            max_batch: most appends in one group.
-            checkpoint_every: run a passive WAL checkpoint after this many committed appends (after the group's
-                outcomes are out, not inside its COMMIT).
-        """
+        """Start the writer thread (a C thread that never takes the GIL); returns the eventfd to watch. Arguments
+        and behaviour as in the reference (``_py_sqlite_group.GroupWriter.start``)."""
         if self.conn.db == NULL:
             raise sqlite3.ProgrammingError("the group writer is closed")
         if self.started or self.stopped:

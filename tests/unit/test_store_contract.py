@@ -347,12 +347,12 @@ def test_sqlite_close_commits_what_is_queued_and_a_second_close_waits_for_it(tmp
 
 
 def test_sqlite_appends_from_two_loops_in_two_threads_all_get_their_outcomes(tmp_path: Path) -> None:
-    """The first loop watches the writer; the other's futures are resolved through its call_soon_threadsafe."""
-    log_box: list[SqliteEventLog] = []
+    """Both loops watch the writer; whichever collects a group resolves the other's futures through its
+    call_soon_threadsafe."""
+    log = SqliteEventLog(tmp_path / "events.db")
     outcomes: dict[str, list[Any]] = {}
 
     async def appender(name: str) -> None:
-        log = log_box[0]
         tasks = [log.append(f"{name}{i}", recs(f"{name}{i}", 1, 2)) for i in range(50)]
         tasks.append(log.append(f"{name}0", recs(f"{name}0", 1, 1)))  # conflicts with the first
         outcomes[name] = await asyncio.gather(*tasks, return_exceptions=True)
@@ -361,12 +361,11 @@ def test_sqlite_appends_from_two_loops_in_two_threads_all_get_their_outcomes(tmp
         asyncio.run(appender(name))
 
     async def main() -> None:
-        log_box.append(SqliteEventLog(tmp_path / "events.db"))
         other = threading.Thread(target=in_thread, args=("b",))
         other.start()
         await appender("a")
         await asyncio.to_thread(other.join)
-        await log_box[0].close()
+        await log.close()
 
     asyncio.run(main())
     for name in ("a", "b"):
