@@ -321,8 +321,13 @@ class Metrics:
 
         Prometheus text format 0.0.4 by default; OpenMetrics when ``accept`` (the request's Accept header) asks.
         """
-        encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        return _render(self.registry, accept)
+
+
+def _render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    # The one content negotiation of /metrics, for a process's own registry and for the planes' merge alike.
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
 
 
 def _status_label(status: int | str) -> str:
@@ -509,16 +514,19 @@ _PER_PROCESS_PREFIXES = ("process_", "python_")
 _ONCE_PREFIX = "aobd_plane_"
 
 
-def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
-    """One exposition (Prometheus text 0.0.4) for the whole daemon from each process's own: ``parts`` is
-    ``(plane, exposition)`` per process, ``plane`` naming it (``"accept-1"``).
+def merge_expositions(parts: Sequence[tuple[str, bytes]], accept: str | None = None) -> tuple[bytes, str]:
+    """One exposition for the whole daemon from each process's own, as ``(body, content type)`` in the format
+    ``accept`` (the request's Accept header) asks for, decided as :meth:`Metrics.render` does: OpenMetrics or
+    Prometheus text 0.0.4.
 
-    Counters, histograms, summaries and additive gauges (runs active, queue depth, subscribers) are summed over
-    processes for each label set (``*_created`` series are left out); gauges that describe one process
-    (:data:`_MAX_GAUGES`) take the largest; ``process_*`` and ``python_*`` keep one series per process with a
-    ``plane`` label; ``aobd_plane_*`` (the supervisor's table, the same in every orchestrator) is taken once.
+    ``parts`` is ``(plane, exposition)`` per process, ``plane`` naming it (``"accept-1"``), each exposition in
+    Prometheus text 0.0.4 (``Metrics.render()`` with no Accept). Counters, histograms, summaries and additive
+    gauges (runs active, queue depth, subscribers) are summed over processes for each label set; gauges that
+    describe one process (:data:`_MAX_GAUGES`) take the largest; ``process_*`` and ``python_*`` keep one series
+    per process with a ``plane`` label; ``aobd_plane_*`` (the supervisor's table, the same in every orchestrator)
+    is taken once. ``*_created`` series are left out in both formats, where they are optional: a sum of
+    processes' start times means nothing. Units are not carried (0.0.4 has no ``# UNIT``; aobd sets none).
     """
-    from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     families: dict[str, Metric] = {}
@@ -530,6 +538,8 @@ def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
             if name.endswith("_created") or (name.startswith(_ONCE_PREFIX) and name in families):
                 continue
             if name not in families:
+                # The parser names a counter's family without ``_total`` and keeps the suffix on its samples: the
+                # shape both encoders write (``# TYPE x counter``, then ``x_total``).
                 families[name] = Metric(name, family.documentation, family.type, family.unit)
                 values[name] = {}
             merged = values[name]
@@ -543,6 +553,8 @@ def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
                     merged[key] = max(old, sample.value)
                 else:
                     merged[key] = old + sample.value
+    # First-seen order keeps each label set's samples together (a histogram's buckets, count and sum), as
+    # OpenMetrics requires.
     for name, family in families.items():
         for (sample_name, label_pairs), value in values[name].items():
             family.add_sample(sample_name, dict(label_pairs), value)
@@ -553,4 +565,4 @@ def merge_expositions(parts: Sequence[tuple[str, bytes]]) -> bytes:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())
-    return generate_latest(registry)
+    return _render(registry, accept)

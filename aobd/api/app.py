@@ -18,7 +18,6 @@ from urllib.parse import parse_qs, unquote
 
 import msgspec
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from aobd.api import schemas as s
 from aobd.api.auth import Authenticator, make_limiter
@@ -486,11 +485,10 @@ async def get_blob(api: Api, r: Request) -> Any:
 async def metrics(api: Api, r: Request) -> Any:
     if api.metrics is None:
         raise Unavailable("metrics are not enabled")
-    # The multi-process daemon: every process's metrics, merged (text format 0.0.4 only).
-    merged = await api.service.metrics_exposition()
-    if merged is not None:
-        return Response(raw=merged, content_type=CONTENT_TYPE_LATEST)
-    body, content_type = api.metrics.render()
+    accept = r.header("accept")
+    # The multi-process daemon: every process's metrics, merged; otherwise this process's registry is the daemon's.
+    merged = await api.service.metrics_exposition(accept)
+    body, content_type = merged if merged is not None else api.metrics.render(accept)
     return Response(raw=body, content_type=content_type)
 
 

@@ -116,7 +116,7 @@ class Service:
         #: [planes] The supervisor's health table and this orchestrator's job transport, for ``status()``.
         self.planes_status: Callable[[], dict[str, Any]] | None = None
         #: [planes] The whole daemon's metrics merged from every process's, for ``metrics_exposition()``.
-        self.planes_metrics: Callable[[], bytes] | None = None
+        self.planes_metrics: Callable[[str | None], tuple[bytes, str]] | None = None
         #: [planes] Whether the other processes this one needs are up (``/readyz``); None: nothing else to wait for.
         self.planes_ready: Callable[[], bool] | None = None
         #: The agent.jobs channel for external runners (claimed over the HTTP API).
@@ -546,11 +546,11 @@ class Service:
             raise NotFound(f"no blob {ref} in this workspace")
         return await self.cas.get(ref)
 
-    async def metrics_exposition(self) -> bytes | None:
-        """The whole daemon's metrics (Prometheus text) when this process can see them all (orchestrators of the
-        multi-process daemon: see :func:`aobd.metrics.merge_expositions`); None: the caller's own registry is the
-        daemon's."""
-        return self.planes_metrics() if self.planes_metrics is not None else None
+    async def metrics_exposition(self, accept: str | None = None) -> tuple[bytes, str] | None:
+        """The whole daemon's metrics as (body, content type), in the format ``accept`` (the scrape's Accept
+        header) asks for, when this process can see them all (orchestrators of the multi-process daemon: see
+        :func:`aobd.metrics.merge_expositions`); None: the caller's own registry is the daemon's."""
+        return self.planes_metrics(accept) if self.planes_metrics is not None else None
 
     def status(self, listen: str) -> s.Status:
         return s.Status(

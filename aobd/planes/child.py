@@ -90,8 +90,8 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     own = f"orchestrator-{index}"
     link.metrics_source = lambda: daemon.metrics.render()[0]
     # The other processes' as of their last beat, this one's as of now (aobd.metrics.merge_expositions).
-    service.planes_metrics = lambda: merge_expositions(
-        [(own, daemon.metrics.render()[0]), *((n, t) for n, t in link.children_metrics.items() if n != own)]
+    service.planes_metrics = lambda accept: merge_expositions(
+        [(own, daemon.metrics.render()[0]), *((n, t) for n, t in link.children_metrics.items() if n != own)], accept
     )
     await transport.start()
     link.start()

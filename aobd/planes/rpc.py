@@ -473,10 +473,11 @@ class ServiceProxy:
         status.planes = {**status.planes, "accept": {"pid": os.getpid(), "orchestrators": len(self.endpoints)}}
         return status
 
-    async def metrics_exposition(self) -> bytes | None:
-        """The daemon's metrics, merged by orchestrator 0 from every process's last heartbeat (at most a beat old)."""
-        result: bytes | None = await self._call(0, "metrics_exposition")
-        return result
+    async def metrics_exposition(self, accept: str | None = None) -> tuple[bytes, str] | None:
+        """The daemon's metrics, merged by orchestrator 0 from every process's last heartbeat (at most a beat old)
+        and rendered in the format ``accept`` asks for: (body, content type)."""
+        result = await self._call(0, "metrics_exposition", accept)
+        return msgspec.convert(result, tuple[bytes, str] | None)  # msgpack hands the pair back as a list
 
     def config_view(self) -> dict[str, Any]:
         return masked(self.config)

@@ -331,6 +331,7 @@ def test_metrics_on_any_accept_worker_cover_the_whole_daemon(tmp_path: Path) -> 
     requests both workers served, the planes' health and each process's CPU."""
     import urllib.request
 
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
     from prometheus_client.parser import text_string_to_metric_families
 
     layout = "accept_workers = 2\norchestrators = 1\nrunners = 1\n"
@@ -340,14 +341,20 @@ def test_metrics_on_any_accept_worker_cover_the_whole_daemon(tmp_path: Path) -> 
     daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
     doc = {"name": "tiny", "nodes": [{"id": "a", "type": "function", "config": {"handler": "builtin:noop"}}]}
 
-    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as resp:  # a new connection: either worker
+    def scrape(openmetrics: bool = False) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        request = urllib.request.Request(daemon.url + "/metrics")
+        if openmetrics:
+            request.add_header("Accept", "application/openmetrics-text; version=1.0.0")
+        with urllib.request.urlopen(request, timeout=10) as resp:  # a new connection: either worker
+            content_type = resp.headers["Content-Type"]
             text = resp.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        if openmetrics:
+            assert content_type.startswith("application/openmetrics-text; version=1.0.0"), content_type
+            assert text.endswith("# EOF\n")
+        else:
+            assert content_type == "text/plain; version=0.0.4; charset=utf-8", content_type
+        parse = openmetrics_families if openmetrics else text_string_to_metric_families
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in parse(text) for s in family.samples}
 
     def complete(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
         started = (("method", "POST"), ("route", "startRun"), ("status", "201"))
@@ -364,8 +371,8 @@ def test_metrics_on_any_accept_worker_cover_the_whole_daemon(tmp_path: Path) -> 
         for _ in range(8):
             assert daemon.request("POST", "/v1/runs?wait=10", {"definition": doc}).status == 201
         _wait_for(lambda: complete(scrape()), timeout=10)  # the processes' beats are at most a second apart
-        for _ in range(6):  # whichever worker answers
-            samples = scrape()
+        for i in range(6):  # whichever worker answers, in either format
+            samples = scrape(openmetrics=i % 2 == 1)
             assert complete(samples)
             planes = {dict(labels)["plane"] for name, labels in samples if name == "process_cpu_seconds_total"}
             assert {"orchestrator-0", "accept-0", "accept-1"} <= planes

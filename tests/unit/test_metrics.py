@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from aobd import __version__, _fast
@@ -350,7 +351,7 @@ def test_exposition_passes_promtool(metrics: Metrics, listener: MetricsListener)
     metrics.observe_rate_limited("acme", "patch")
     body, _ = metrics.render()
     # The multi-process daemon's merge of two such processes (aobd.metrics.merge_expositions) must lint too.
-    merged = merge_expositions([("orchestrator-0", body), ("accept-0", Metrics(impl="c").render()[0])])
+    merged, _ = merge_expositions([("orchestrator-0", body), ("accept-0", Metrics(impl="c").render()[0])])
     for exposition in (body, merged):
         result = subprocess.run(
             [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60, check=False
@@ -360,38 +361,77 @@ def test_exposition_passes_promtool(metrics: Metrics, listener: MetricsListener)
     assert problems.strip() == ""
 
 
-def test_the_planes_merge_sums_what_adds_up_and_keeps_each_process_apart_where_it_does_not() -> None:
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def _planes_parts() -> list[tuple[str, bytes]]:
+    """Four processes' expositions as their heartbeats carry them (text 0.0.4), rendered once."""
     orchestrator, accept_0, accept_1 = Metrics(impl="c"), Metrics(impl="c"), Metrics(impl="c")
     orchestrator.runs_started.labels("w6").inc(5)
     orchestrator.runs_active.set(2)
+    orchestrator.observe_store(_Store())
     for worker, n in ((accept_0, 2), (accept_1, 3)):
         for _ in range(n):
             worker.observe_request("startRun", "POST", 201, 0.004)
-    orchestrator.track_planes(lambda: {"children": [{"role": "runner", "index": 0, "pid": 7, "state": "up"}]})
+    accept_1.observe_request("getRun", "GET", 200, 0.0002)  # a label set only the second worker has
+    table = {"children": [{"role": "runner", "index": 0, "pid": 7, "state": "up", "restarts": 1}]}
+    orchestrator.track_planes(lambda: table)
     other = Metrics(impl="c")
-    other.track_planes(lambda: {"children": [{"role": "runner", "index": 0, "pid": 7, "state": "up"}]})
-    merged = merge_expositions(
-        [
-            ("orchestrator-0", orchestrator.render()[0]),
-            ("orchestrator-1", other.render()[0]),
-            ("accept-0", accept_0.render()[0]),
-            ("accept-1", accept_1.render()[0]),
-        ]
-    ).decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(merged)
-        for s in family.samples
-    }
+    other.track_planes(lambda: table)
+    return [
+        ("orchestrator-0", orchestrator.render()[0]),
+        ("orchestrator-1", other.render()[0]),
+        ("accept-0", accept_0.render()[0]),
+        ("accept-1", accept_1.render()[0]),
+    ]
+
+
+def _parsed(body: bytes, content_type: str) -> dict[tuple[str, Labels], float]:
+    if content_type.startswith("application/openmetrics-text"):
+        families = list(openmetrics_families(body.decode()))  # strict: raises on anything OpenMetrics forbids
+    else:
+        families = list(text_string_to_metric_families(body.decode()))
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+@pytest.mark.parametrize("accept", [None, OPENMETRICS])
+def test_the_planes_merge_sums_what_adds_up_and_keeps_each_process_apart_where_it_does_not(
+    accept: str | None,
+) -> None:
+    body, content_type = merge_expositions(_planes_parts(), accept)
+    samples = _parsed(body, content_type)
     assert samples[("aobd_runs_started_total", (("workflow", "w6"),))] == 5
     assert samples[("aobd_runs_active", ())] == 2
     started = (("method", "POST"), ("route", "startRun"), ("status", "201"))
     assert samples[("aobd_http_requests_total", started)] == 5  # summed over the accept workers
     bucket = ("aobd_http_request_duration_seconds_bucket", (("le", "+Inf"), ("method", "POST"), ("route", "startRun")))
     assert samples[bucket] == 5
+    assert samples[("aobd_http_requests_total", (("method", "GET"), ("route", "getRun"), ("status", "200")))] == 1
     assert samples[("aobd_plane_up", (("index", "0"), ("role", "runner")))] == 1  # once, not once per orchestrator
+    assert samples[("aobd_plane_restarts_total", (("role", "runner"),))] == 1
     build = [v for (name, _), v in samples.items() if name == "aobd_build_info"]
     assert build == [1]
     planes = {dict(labels)["plane"] for (name, labels) in samples if name == "process_cpu_seconds_total"}
     assert planes == {"orchestrator-0", "orchestrator-1", "accept-0", "accept-1"}
-    assert "_created" not in merged
+    assert b"_created" not in body
+
+
+def test_the_planes_merge_answers_openmetrics_when_asked_with_the_same_values() -> None:
+    parts = _planes_parts()
+    text, text_type = merge_expositions(parts)
+    assert text_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert not text.endswith(b"# EOF\n")
+    # Prometheus's own scrape header: OpenMetrics first, text as a fallback; the same rule as Metrics.render.
+    accept = f"{OPENMETRICS},application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5"
+    body, content_type = merge_expositions(parts, accept)
+    assert content_type == Metrics(impl="c").render(accept)[1]
+    assert content_type.startswith(OPENMETRICS)
+    assert body.endswith(b"\n# EOF\n") and body.count(b"# EOF") == 1
+    assert _parsed(body, content_type) == _parsed(text, text_type)
+    families = {f.name: f for f in openmetrics_families(body.decode())}
+    # A counter is one family without the suffix, its samples with it, and no _created after the merge.
+    requests = families["aobd_http_requests"]
+    assert requests.type == "counter"
+    assert {s.name for s in requests.samples} == {"aobd_http_requests_total"}
+    assert families["aobd_eventlog_commit_duration_seconds"].type == "summary"
+    assert families["aobd_http_request_duration_seconds"].type == "histogram"

@@ -26,6 +26,7 @@ from aobd.errors import (
     Unavailable,
     WorkflowInvalid,
 )
+from aobd.metrics import Metrics, merge_expositions
 from aobd.planes.paths import shard_of
 from aobd.planes.rpc import METHODS, RemoteError, RpcServer, ServiceProxy
 from tests.conftest import run_async
@@ -248,3 +249,22 @@ def test_a_claim_asks_every_orchestrator_and_gives_back_what_the_losers_lease_la
             await proxy.agent_jobs.heartbeat("acme", claimed.job_id, "not-the-lease", None)
 
     run_async(_with_planes(sockets, 3, scenario, services=services))
+
+
+def test_the_merged_metrics_come_from_orchestrator_0_in_the_format_the_scraper_asks(sockets: Path) -> None:
+    openmetrics_accept = "application/openmetrics-text; version=1.0.0"
+
+    class Orchestrator(FakeService):
+        async def metrics_exposition(self, accept: str | None = None) -> tuple[bytes, str] | None:
+            return merge_expositions([(f"orchestrator-{self.index}", Metrics(impl="c").render()[0])], accept)
+
+    async def scenario(proxy: ServiceProxy) -> list[tuple[bytes, str] | None]:
+        return [await proxy.metrics_exposition(), await proxy.metrics_exposition(openmetrics_accept)]
+
+    services: list[FakeService] = [Orchestrator(i) for i in range(2)]
+    text, openmetrics = run_async(_with_planes(sockets, 2, scenario, services=services))
+    assert text is not None and openmetrics is not None
+    assert text[1] == "text/plain; version=0.0.4; charset=utf-8"
+    assert openmetrics[1].startswith(openmetrics_accept) and openmetrics[0].endswith(b"# EOF\n")
+    for body, _ in (text, openmetrics):
+        assert b'plane="orchestrator-0"' in body and b"orchestrator-1" not in body
