@@ -144,21 +144,38 @@ def _error_from_wire(wire: _WireError) -> Exception:
 
 
 class _Method:
-    """One allowed method of the served object, with the types to convert its wire arguments to."""
+    """One allowed method of the served object, with the types to convert its wire arguments to.
+
+    The arguments are named from the signature once, here, and converted in one ``msgspec.convert`` into a Struct
+    built from the annotations: per call that is a zip and one C call, where ``Signature.bind`` and a conversion per
+    argument cost about 8 us of an orchestrator's CPU on every run start.
+    """
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
-        self.signature = inspect.signature(function)
+        self.name = function.__name__
+        parameters = inspect.signature(function).parameters
         hints = typing.get_type_hints(function)
-        self.types = {name: hints.get(name, Any) for name in self.signature.parameters}
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positional = tuple(name for name, p in parameters.items() if p.kind in positional)
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+            (name, hints.get(name, Any)) if p.default is p.empty else (name, hints.get(name, Any), p.default)
+            for name, p in parameters.items()
+        ]
+        self.arguments = msgspec.defstruct(f"{self.name}_arguments", fields, kw_only=True, forbid_unknown_fields=True)
 
     async def __call__(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if len(args) > len(self.positional):
+            raise RemoteError(f"bad arguments for {self.name}: {len(args)} positional, at most {len(self.positional)}")
+        values = dict(zip(self.positional, args, strict=False))
+        if not values.keys().isdisjoint(kwargs):
+            raise RemoteError(f"bad arguments for {self.name}: {sorted(values.keys() & kwargs)} given twice")
+        values.update(kwargs)
         try:
-            bound = self.signature.bind(*args, **kwargs)
-            values = {name: msgspec.convert(v, self.types[name]) for name, v in bound.arguments.items()}
-        except (TypeError, msgspec.ValidationError) as exc:
-            raise RemoteError(f"bad arguments for {self.function.__name__}: {exc}") from None
-        result = self.function(**values)
+            arguments = msgspec.convert(values, self.arguments)
+        except msgspec.ValidationError as exc:
+            raise RemoteError(f"bad arguments for {self.name}: {exc}") from None
+        result = self.function(**msgspec.structs.asdict(arguments))
         return await result if inspect.isawaitable(result) else result
 
 

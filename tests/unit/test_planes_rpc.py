@@ -205,6 +205,26 @@ def test_only_allowed_methods_are_served(sockets: Path) -> None:
     run_async(_with_planes(sockets, 1, scenario))
 
 
+def test_arguments_arrive_typed_and_bad_ones_are_refused_by_name(sockets: Path) -> None:
+    """The server converts wire arguments with the method's annotations; a call that does not fit them never runs."""
+
+    async def scenario(proxy: ServiceProxy) -> None:
+        got = await proxy._call(0, "start_run", CALLER, s.RunStart(workflow="w", inputs={"x": 1}), wait_s=2, run_id="r")
+        assert got == {"run_id": "r", "served_by": 0, "inputs": {"x": 1}, "wait_s": 2.0}
+        bad = {
+            r"Expected `object`, got `int` - at `\$.body`": ((CALLER, 7), {}),  # not a RunStart
+            "unknown field `colour`": ((CALLER, s.RunStart(workflow="w")), {"colour": "red"}),
+            "at most 2": ((CALLER, s.RunStart(workflow="w"), 1.0), {}),  # wait_s is keyword-only
+            "given twice": ((CALLER,), {"caller": CALLER}),
+            "missing required field `body`": ((CALLER,), {}),
+        }
+        for message, (args, kwargs) in bad.items():
+            with pytest.raises(RemoteError, match=message):
+                await proxy._call(0, "start_run", *args, **kwargs)
+
+    run_async(_with_planes(sockets, 1, scenario))
+
+
 def test_the_proxy_has_the_service_call_surface() -> None:
     """The accept worker hands a ServiceProxy to the Api where it expects a Service."""
     for name in sorted(METHODS):
