@@ -8,8 +8,9 @@ run. If anything between (1) and (3) fails, the machine is rebuilt from the log,
 of what is durable.
 
 Seams for later issues: ``EventLog``/``Cas`` are protocols (Postgres/S3 plug in there), dispatching goes
-through ``_dispatch`` (the runner plane and Kafka job topics plug in there), and ``listeners`` receive every
-committed event (the fanout plane and metrics plug in there).
+through ``_dispatch`` (the runner plane and Kafka job topics plug in there), ``listeners`` receive every
+committed event (metrics, streams and the approval index plug in there), and ``record_listeners`` the same events
+as the log stored them, encoded (the fanout plane's publisher forwards those bytes instead of encoding again).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from .machine import RunMachine, no_url_check
 
 _log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
+#: Called with a run's id and the records of each committed step: the events as the log stored them.
+RecordListener = Callable[[str, list[EventRecord]], None]
 _InlineJob = tuple[Dispatch, InlineCall]
 #: A dispatched attempt's result (its output, or the exception it failed with) and duration in ms.
 _Completion = tuple[Dispatch, Any, float]
@@ -112,6 +115,7 @@ class Engine:
         #: Per-workspace patch governance, merged into each new run's policy (the stricter wins).
         self.workspace_policy = workspace_policy
         self.listeners: list[Listener] = []
+        self.record_listeners: list[RecordListener] = []
         self.ir_cache = IRCache()
         self._http_allow = list(http_allow or [])
         self._http_client: Any = None
@@ -467,6 +471,8 @@ class Engine:
         slot.indexed_status = status
         for listener in self.listeners:
             listener(step.events)
+        for forward in self.record_listeners:
+            forward(machine.run_id, records)
 
     async def _commit(self, slot: _RunSlot, step: Step) -> None:
         """Persist a step of a live run and perform its effects; on failure, resync the machine with the log."""

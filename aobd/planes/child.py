@@ -106,7 +106,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
         rpc_server = RpcServer(service, paths.orchestrator_rpc(config, index))
         await rpc_server.start()
         publisher = EventPublisher(config)
-        service.engine.listeners.append(publisher)
+        service.engine.record_listeners.append(publisher)
     run = asyncio.create_task(daemon.run())
     serving = asyncio.create_task(daemon.serving.wait())
     await asyncio.wait({run, serving}, return_when=asyncio.FIRST_COMPLETED)

@@ -27,9 +27,10 @@ import zmq
 
 from aobd.api.fanout import FanoutHub
 from aobd.config import Config
-from aobd.model.events import Event, decode_event, encode_event
+from aobd.model.events import Event, decode_event
 from aobd.planes import paths
 from aobd.planes.zloop import LoopSocket
+from aobd.store.protocols import EventRecord
 
 __all__ = ["EventPublisher", "FanoutSubscriber", "main", "serve"]
 
@@ -105,12 +106,14 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> int:
 
 
 class EventPublisher:
-    """Engine listener of an orchestrator: publishes committed events to the fanout plane.
+    """Engine record listener of an orchestrator: publishes committed events to the fanout plane.
 
-    The engine calls the listener once per committed step (one run); events are gathered until the event loop
-    turns and then sent as one message per run, so a burst of commits costs one send per run, not per step.
+    The engine calls it once per committed step (one run) with the step's records, the events already encoded
+    for the log, so they travel as they are (encoding a W6 run's 20 events again cost about 10 us). Records are
+    gathered until the event loop turns and then sent as one message per run, so a burst of commits costs one
+    send per run, not per step.
 
-    Usage: ``publisher = EventPublisher(config); engine.listeners.append(publisher)``; ``publisher.close()``.
+    Usage: ``publisher = EventPublisher(config); engine.record_listeners.append(publisher)``; ``publisher.close()``.
     """
 
     def __init__(self, config: Config, *, endpoint: str | None = None, context: zmq.Context[Any] | None = None) -> None:
@@ -125,9 +128,12 @@ class EventPublisher:
         self._scheduled = False
         self.dropped = 0
 
-    def __call__(self, events: list[Event]) -> None:
-        for event in events:
-            self._pending.setdefault(event.run_id, []).append(encode_event(event))
+    def __call__(self, run_id: str, records: list[EventRecord]) -> None:
+        pending = self._pending.get(run_id)
+        if pending is None:
+            self._pending[run_id] = [record.data for record in records]
+        else:
+            pending.extend(record.data for record in records)
         if self._scheduled:
             return
         try:

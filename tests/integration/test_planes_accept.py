@@ -64,7 +64,7 @@ class Orchestrator(threading.Thread):
     async def _main(self) -> None:
         service = Service(self.config, await open_stores(self.config))
         publisher = EventPublisher(self.config)
-        service.engine.listeners.append(publisher)
+        service.engine.record_listeners.append(publisher)
         await service.start()
         rpc = RpcServer(service, paths.orchestrator_rpc(self.config, 0))
         await rpc.start()

@@ -58,6 +58,31 @@ def test_w6_computes_20_and_records_a_gap_free_history(monkeypatch: pytest.Monke
     assert types(events)[0] == "RunCreated" and types(events)[-1] == "RunCompleted"
 
 
+def test_listeners_see_each_committed_step_as_events_and_as_the_stored_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fanout publisher forwards the records' bytes as they are: they must be exactly what the log holds."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / "w6"))
+    seen_events: list[ev.Event] = []
+    seen_records: list[tuple[str, list[Any]]] = []
+
+    async def go() -> tuple[str, list[Any]]:
+        eng = engine()
+        eng.listeners.append(seen_events.extend)
+        eng.record_listeners.append(lambda run_id, records: seen_records.append((run_id, list(records))))
+        try:
+            summary = await eng.run(load_example("w6"), {"x": 1})
+            return summary["run_id"], await eng.log.read(summary["run_id"])
+        finally:
+            await eng.close()
+
+    run_id, stored = run_async(go())
+    assert {rid for rid, _ in seen_records} == {run_id}
+    assert [r for _, step in seen_records for r in step] == stored  # every step, in order, byte for byte
+    assert len(seen_records) > 1  # one call per committed step, not one per run
+    assert [ev.encode_event(e) for e in seen_events] == [r.data for r in stored]
+
+
 def test_a_finished_run_leaves_memory_and_still_loads_whole_from_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon running thousands of runs per second must not keep the finished ones: their waiters get the
     summary, and anyone asking later gets the same run rebuilt from the log."""
