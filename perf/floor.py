@@ -1,7 +1,7 @@
 """The floor: the least durable work W6 needs, written as directly as possible, beside aobd in the same run.
 
-    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd] [--full-only] [--default-gc]
-                         [--switch-interval-ms MS]
+    python -m perf.floor [--runs 3000] [--concurrency 64] [--json] [--no-aobd] [--full-only] [--ceiling]
+                         [--default-gc] [--switch-interval-ms MS]
 
 What W6 cannot do without, and nothing more: each run records its creation, each node's completion (with its
 output) and the run's completion as msgspec-encoded events in one SQLite database (WAL, ``synchronous=FULL``),
@@ -14,6 +14,10 @@ W6 runs in-process (``perf.w6 --mode inprocess``) at the same concurrency in the
 aobd runs twice, both durable (every step committed, fsynced, before the next node starts): in full fidelity
 (``aobd``, ``aobd_to_floor``: 20 events per run, every node's NodeScheduled and NodeStarted included) and in
 fast-path mode (``aobd_fast``, ``aobd_fast_to_floor``: the 8 events the floor writes, DESIGN.md section 5).
+
+``--ceiling`` adds aobd on the in-memory store in each fidelity (``aobd_memory``, ``aobd_memory_fast``): nothing
+durable, no commit to wait for, only the engine's own work. It is what no storage change can exceed, so a ratio
+to the floor below 0.6 there says the engine's CPU, not the log, is what keeps the durable ratio under the goal.
 """
 
 from __future__ import annotations
@@ -160,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-aobd", action="store_true", help="measure the floor only")
     parser.add_argument("--full-only", action="store_true", help="run aobd in full fidelity only, not fast-path")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also run aobd on the in-memory store: the engine's own ceiling"
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument(
         "--default-gc", action="store_true", help="keep CPython's collector thresholds (both sides use the same)"
@@ -187,16 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         fidelities = (
             [] if args.no_aobd else [("aobd", "full")] if args.full_only else [("aobd", "full"), ("aobd_fast", "fast")]
         )
+        if args.ceiling:
+            fidelities += [(key.replace("aobd", "aobd_memory"), fidelity) for key, fidelity in fidelities]
         for key, fidelity in fidelities:
             aobd_dir = Path(tmp) / key
             aobd_dir.mkdir()
-            aobd = runner.run(run_inprocess(args.runs, args.concurrency, "sqlite", fidelity, aobd_dir))
+            store = "memory" if key.startswith("aobd_memory") else "sqlite"
+            aobd = runner.run(run_inprocess(args.runs, args.concurrency, store, fidelity, aobd_dir))
             result[key] = aobd
             result[f"{key}_to_floor"] = round(aobd["workflows_per_s"] / floor["workflows_per_s"], 3)
     if not args.json:
         print(f"floor: {floor['workflows_per_s']} workflows/s ({floor['events_per_commit']} events per commit)")
         for key, fidelity in fidelities:
-            print(f"aobd in-process, {fidelity}: {result[key]['workflows_per_s']} workflows/s")
+            store = "in memory, nothing durable" if key.startswith("aobd_memory") else "durable"
+            print(f"aobd in-process, {fidelity}, {store}: {result[key]['workflows_per_s']} workflows/s")
             print(f"  / floor: {result[f'{key}_to_floor']} (goal >= 0.6)")
     print(json.dumps(result))
     complete = floor["completed"] == args.runs and all(result[key]["completed"] == args.runs for key, _ in fidelities)

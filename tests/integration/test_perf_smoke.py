@@ -43,11 +43,20 @@ def test_longpoll_reports_the_latency_of_simultaneous_waiting_clients() -> None:
 
 
 def test_floor_runs_beside_aobd_and_reports_the_ratio() -> None:
-    result = harness("perf.floor", "--runs", "60", "--concurrency", "8", "--json")
+    result = harness("perf.floor", "--runs", "60", "--concurrency", "8", "--ceiling", "--json")
     assert result["floor"]["completed"] == 60 and result["aobd"]["completed"] == 60
     assert result["aobd"]["fidelity"] == "full" and result["aobd_fast"]["fidelity"] == "fast"
     assert result["aobd_fast"]["completed"] == 60
     assert result["aobd_to_floor"] > 0 and result["aobd_fast_to_floor"] > 0
+    # The ceiling: the same two fidelities on the in-memory store, each beside the floor.
+    assert [result[k]["store"] for k in ("aobd", "aobd_fast", "aobd_memory", "aobd_memory_fast")] == [
+        "sqlite",
+        "sqlite",
+        "memory",
+        "memory",
+    ]
+    assert result["aobd_memory_fast"]["fidelity"] == "fast" and result["aobd_memory"]["completed"] == 60
+    assert result["aobd_memory_to_floor"] > 0 and result["aobd_memory_fast_to_floor"] > 0
 
 
 def test_flat_cost_compares_a_small_and_a_filled_store() -> None:
