@@ -13,6 +13,10 @@ the Java clients). No clustering code of our own decides anything:
   next append conflicts with the new owner's (expected seq), and it stops then: the log has one writer.
 - Offsets are committed after the messages' effects are durable (at-least-once); a duplicate ``resume`` is a
   no-op.
+- **Events leave through the outbox.** Every daemon relays the outbox rows of the runs of its partitions to the
+  events topic (:meth:`ClusterCoordinator._relay`), so the event stream grows with the daemons; the claim
+  (:meth:`~aobd.store.postgres.PostgresEventLog.claim_outbox`) keeps each run's events in order when a
+  partition moves.
 - **Node outcomes.** With ``[cluster] execution = "bus"`` node attempts travel over ``node.jobs.*``
   (:mod:`aobd.cluster.jobs`) and their outcomes come back on this same topic, keyed by run_id, so they reach
   the run's owner; :mod:`aobd.cluster.messages` tells them from nudges.
@@ -22,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import functools
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import structlog
 
@@ -45,22 +51,64 @@ from aobd.runner.wire import NodeOutcome
 from .messages import Nudge, decode, encode_nudge
 
 if TYPE_CHECKING:
+    from aobd.store.postgres import OutboxEntry
+
     from .jobs import ClusterRunner
 
 log = structlog.get_logger("aobd.cluster")
 
+#: Most outbox rows a relay claims and publishes at once.
+RELAY_BATCH: Final = 500
+#: Seconds a relay's claim lasts. Short, so that the rows of a publish that failed (broker down) or of a daemon
+#: that died are claimed again soon; a lease that lapses mid-publish costs duplicates, never order.
+RELAY_LEASE_S: Final = 5.0
+#: Seconds between claims while the outbox of this daemon's partitions is empty.
+RELAY_IDLE_S: Final = 0.2
+
+
+@runtime_checkable
+class Outbox(Protocol):
+    """What the relay needs of an event log with a transactional outbox
+    (:class:`~aobd.store.postgres.PostgresEventLog`)."""
+
+    #: Whether appends write outbox rows at all.
+    outbox: bool
+    #: The partition of a run, stored with its outbox rows; set by :meth:`ClusterCoordinator.start`.
+    outbox_partition_of: Callable[[str], int] | None
+
+    async def claim_outbox(
+        self, limit: int = 500, *, lease: float = 30.0, partitions: Collection[int]
+    ) -> list[OutboxEntry]: ...
+
+    async def mark_published(self, ids: Iterable[int]) -> int: ...
+
+    async def outbox_backlog(self, partitions: Collection[int]) -> int: ...
+
 
 class ClusterCoordinator:
+    """One daemon's part in the cluster: it drives the runs of the partitions Kafka assigns it, hands their node
+    outcomes to the attempts waiting for them, and relays their outbox rows to the events topic.
+
+    Args:
+        engine: this daemon's engine, on the shared event log.
+        config: the Kafka settings; ``results_topic`` is the topic whose partitions decide ownership.
+        daemon_id: this daemon's name in logs, nudges and the cluster directory.
+    """
+
     def __init__(self, engine: Engine, config: KafkaConfig, daemon_id: str) -> None:
         self.engine = engine
         self.config = config
         self.daemon_id = daemon_id
         self.topic = config.results_topic
+        #: Partitions of the results topic: config until :meth:`start` reads the topic's own count.
+        self.partitions = config.partitions
         self._producer: KafkaProducer | None = None
         self._consumer: KafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
+        #: Outbox rows this daemon relayed, in all and by partition (rows written without one count as 0's).
         self.relayed = 0
+        self.relayed_by_partition: Counter[int] = Counter()
         self._closing = False
         self._owned: set[int] = set()
         #: Set by aobd.cluster.jobs.install_bus_execution: where outcomes go, and this daemon's runner.
@@ -88,7 +136,12 @@ class ClusterCoordinator:
         return self._producer
 
     async def start(self) -> None:
-        await ensure_topics(self.config)
+        # ensure_topics refuses a kafka.partitions other than the topic's count, so owns() and the outbox rows
+        # agree with where the producer puts a run's messages.
+        self.partitions = (await ensure_topics(self.config))[self.topic]
+        if isinstance(self.engine.log, Outbox):
+            # Before any append of this daemon: the relay of a partition claims the rows stored under it.
+            self.engine.log.outbox_partition_of = functools.partial(partition_of, partitions=self.partitions)
         self._producer = KafkaProducer(self.config)
         self._consumer = KafkaConsumer(
             self.config, [self.topic], self.config.group_id, on_assign=self._assigned, on_revoke=self._revoked
@@ -99,7 +152,7 @@ class ClusterCoordinator:
             await self.runner.start(self._producer)
 
     def owns(self, run_id: str) -> bool:
-        return partition_of(run_id, self.config.partitions) in self._owned
+        return partition_of(run_id, self.partitions) in self._owned
 
     async def announce(self, run_id: str) -> None:
         """Tell the run's owner, whoever it is, to carry the run on from the log."""
@@ -113,7 +166,7 @@ class ClusterCoordinator:
             self.directory.ownership_changed()
         resumed = 0
         for run_id in await self.engine.log.unfinished_runs():
-            if partition_of(run_id, self.config.partitions) in numbers:
+            if partition_of(run_id, self.partitions) in numbers:
                 resumed += await self._resume(run_id)
         self.ready.set()
         log.info("partitions assigned", partitions=sorted(numbers), resumed_runs=resumed, daemon=self.daemon_id)
@@ -126,7 +179,7 @@ class ClusterCoordinator:
         released = [
             run_id
             for run_id in self.engine.active_runs()
-            if partition_of(run_id, self.config.partitions) in numbers and self.engine.release(run_id)
+            if partition_of(run_id, self.partitions) in numbers and self.engine.release(run_id)
         ]
         log.info("partitions revoked", partitions=sorted(numbers), released_runs=len(released), daemon=self.daemon_id)
 
@@ -183,22 +236,25 @@ class ClusterCoordinator:
     async def _relay(self) -> None:
         """The outbox relay: committed events to the events topic, so an event is on Kafka iff it was committed.
 
-        One relay at a time keeps each run's events in order: the daemon that holds partition 0 of the results
-        topic relays (Kafka's group protocol elects it; a new holder takes over rows whose lease lapsed).
-        Delivery is at least once; consumers dedupe by ``(run_id, seq)``.
+        Every daemon relays the rows of the runs whose partition it holds, read again at every claim: a revoked
+        partition is not claimed after the revocation (a claim in flight is published and marked; its leases keep
+        the partition's new owner off those runs meanwhile, and cover this daemon's death). The claim keeps each
+        run's events in order across relays; delivery is at least once, and consumers dedupe by
+        ``(run_id, seq)``.
         """
-        claim = getattr(self.engine.log, "claim_outbox", None)
-        if claim is None:
+        outbox = self.engine.log
+        if not isinstance(outbox, Outbox) or not outbox.outbox:
             return  # a log without an outbox (not Postgres)
-        mark = self.engine.log.mark_published  # type: ignore[attr-defined]
         while True:
             try:
-                # A short lease: rows of a publish that failed (broker down) are claimed again soon.
-                entries = await claim(500, lease=5.0) if 0 in self._owned else []
+                owned = frozenset(self._owned)
+                entries = await outbox.claim_outbox(RELAY_BATCH, lease=RELAY_LEASE_S, partitions=owned) if owned else []
                 if not entries:
-                    if self._closing:
-                        return  # the outbox is empty (or not ours): nothing committed is left behind
-                    await asyncio.sleep(0.2)
+                    # Closing: done once no row of ours is left, but an empty claim may only mean that the rows
+                    # wait behind another relay's lease (close() bounds the wait).
+                    if self._closing and (not owned or not await outbox.outbox_backlog(owned)):
+                        return
+                    await asyncio.sleep(RELAY_IDLE_S)
                     continue
                 assert self._producer is not None
                 # Produced in claim order (ids follow seqs within a run); the producer keeps that order.
@@ -208,8 +264,9 @@ class ClusterCoordinator:
                         for e in entries
                     )
                 )
-                await mark([e.id for e in entries])
+                await outbox.mark_published([e.id for e in entries])
                 self.relayed += len(entries)
+                self.relayed_by_partition.update(max(e.partition, 0) for e in entries)  # NO_PARTITION is 0's
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -217,9 +274,9 @@ class ClusterCoordinator:
                 await asyncio.sleep(0.5)
 
     async def close(self, flush_s: float = 10.0) -> None:
-        """Leave the cluster. The relay first publishes what is left in the outbox (up to ``flush_s``), while
-        this daemon still holds partition 0, so a clean stop leaves no committed event waiting for the next
-        relay to be elected."""
+        """Leave the cluster. The relay first publishes what is left in the outbox of this daemon's partitions (up
+        to ``flush_s``), while it still holds them, so a clean stop leaves no committed event waiting for their
+        next owners."""
         self._closing = True
         if self.runner is not None:
             # Runs on the producer, which closes last; the outcome consumer stays up meanwhile, as the engine
@@ -242,8 +299,9 @@ class ClusterCoordinator:
         return {
             "daemon_id": self.daemon_id,
             "owned_partitions": sorted(self._owned),
-            "partitions": self.config.partitions,
+            "partitions": self.partitions,
             "outbox_relayed": self.relayed,
+            "outbox_relayed_by_partition": {str(p): n for p, n in sorted(self.relayed_by_partition.items())},
             "execution": "bus" if self.remote is not None else "local",
             **(
                 {

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIGRATIONS",
+    "NO_PARTITION",
     "SCHEMA_VERSION",
     "OutboxEntry",
     "PostgresEventLog",
@@ -57,6 +58,10 @@ INSTALL_HINT: Final = "pip install 'aobd[cluster]'"
 
 # Same rule as the SQLite log: the partial index and the query spell the condition identically.
 _UNFINISHED = "status NOT IN ({})".format(", ".join(f"'{s}'" for s in sorted(TERMINAL_STATUSES)))
+
+#: The ``outbox.partition`` of a row written without a partition (before schema version 3, or by a log whose
+#: ``outbox_partition_of`` is None): the owner of partition 0 relays it.
+NO_PARTITION: Final = -1
 
 #: Numbered migrations, applied in order by :func:`migrate`; each is a list of statements run in one
 #: transaction. Never edit a released one: append the next. (A future ``CREATE INDEX CONCURRENTLY`` cannot run
@@ -149,6 +154,27 @@ MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        "outbox rows carry their run's partition: one relay per partition owner",
+        [
+            # The Kafka partition of the row's run, written by the append (PostgresEventLog.outbox_partition_of).
+            # -1 (NO_PARTITION) for rows written before this migration, or by a log not told the partition count:
+            # the owner of partition 0 relays them (claim_outbox). A backfill could not do better, since SQL knows
+            # neither murmur2 nor the topic's partition count. A constant default adds the column without
+            # rewriting the table, and keeps the column plain (not NULL) so that the planner's statistics and an
+            # ordered index scan serve the claim.
+            f"ALTER TABLE outbox ADD COLUMN partition integer NOT NULL DEFAULT {NO_PARTITION}",
+            # A claim walks each of its partitions in id order and stops after `limit` rows, whatever the backlog
+            # of the others.
+            "CREATE INDEX outbox_unpublished_by_partition ON outbox (partition, id) WHERE published_at IS NULL",
+            # The claim's check for earlier unpublished rows of the same run.
+            "CREATE INDEX outbox_unpublished_by_run ON outbox (run_id, id) WHERE published_at IS NULL",
+            # Every claim names partitions now, so nothing walks all unpublished rows by id any more; an index
+            # costs each append's outbox insert and each mark_published update.
+            "DROP INDEX outbox_unpublished",
+        ],
+    ),
 ]
 #: The schema version this aobd reads and writes.
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -184,10 +210,14 @@ RETURNING runs.run_id
 """
 _EVENT_ROWS: Final = "SELECT * FROM unnest(%b::text[], %b::int8[], %b::text[], %b::float8[], %b::bytea[])"
 _INSERT_EVENTS: Final = f"INSERT INTO events (run_id, seq, type, ts, data) {_EVENT_ROWS}"
-# ORDER BY: outbox ids follow seqs within a run, which is the order a relay must publish them in.
+# ORDER BY: outbox ids follow seqs within a run, which is the order a relay must publish them in. The last two
+# arrays are the batch's runs and their partitions (empty when the log does not know them).
 _INSERT_EVENTS_AND_OUTBOX: Final = f"""
 WITH e AS (INSERT INTO events (run_id, seq, type, ts, data) {_EVENT_ROWS} RETURNING run_id, seq, type, ts, data)
-INSERT INTO outbox (run_id, seq, type, ts, data) SELECT run_id, seq, type, ts, data FROM e ORDER BY run_id, seq
+INSERT INTO outbox (run_id, seq, type, ts, data, partition)
+SELECT e.run_id, e.seq, e.type, e.ts, e.data, coalesce(p.partition, {NO_PARTITION})
+FROM e LEFT JOIN unnest(%b::text[], %b::int4[]) AS p (run_id, partition) ON p.run_id = e.run_id
+ORDER BY e.run_id, e.seq
 """
 _SELECT_LAST: Final = "SELECT last_seq FROM runs WHERE run_id = %s"
 _SELECT_LASTS: Final = "SELECT run_id, last_seq FROM runs WHERE run_id = ANY(%s::text[])"
@@ -195,6 +225,44 @@ _RUN_COLUMNS: Final = "run_id, workflow, status, created_at, updated_at, last_se
 _SELECT_RUN: Final = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = %s"
 # LIMIT NULL is no limit.
 _READ: Final = "SELECT seq, type, ts, data FROM events WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s::int8"
+
+# The outbox claim. Each partition is walked in id order (outbox_unpublished_by_partition) and the walk stops
+# after `limit` qualifying rows, however large the backlog behind them. Per-run order across relays: a row
+# qualifies only if no earlier unpublished row of its run is leased (by any relay, this one too after a failed
+# publish) or stored under another partition (NO_PARTITION rows of a run of partition p). Otherwise a partition's
+# new owner would publish seq n + 1 while its old owner still holds seq n in a claim it is publishing. With that
+# rule and id order, a claim takes a prefix of each run's unpublished rows. So when a relay sends a row, every
+# earlier row of the run is acknowledged by the broker already or precedes it in the same claim, and the first
+# copy of each seq on the topic comes in seq order, even when a lease lapses mid-publish and two relays send the
+# same rows (consumers drop the second).
+# The NOT EXISTS reads the statement's snapshot, which cannot see a concurrent claim of the same partition (its
+# leases are not committed yet): the claims of a partition are serialised by _LOCK_PARTITIONS, taken in an earlier
+# statement of the transaction so that this snapshot sees the previous claim's leases. SKIP LOCKED then only
+# passes over a row that a late mark_published is updating (it is on the topic already).
+_CLAIM: Final = """
+UPDATE outbox SET claimed_until = now() + make_interval(secs => %(lease)s)
+WHERE published_at IS NULL AND id IN (
+    SELECT c.id FROM unnest(%(partitions)s::int4[]) AS p (partition) CROSS JOIN LATERAL (
+        SELECT o.id FROM outbox o
+        WHERE o.partition = p.partition AND o.published_at IS NULL
+            AND (o.claimed_until IS NULL OR o.claimed_until < now())
+            AND NOT EXISTS (
+                SELECT FROM outbox e
+                WHERE e.run_id = o.run_id AND e.id < o.id AND e.published_at IS NULL
+                    AND (e.claimed_until >= now() OR e.partition <> p.partition)
+            )
+        ORDER BY o.id LIMIT %(limit)s
+        FOR UPDATE OF o SKIP LOCKED
+    ) AS c
+    ORDER BY c.id LIMIT %(limit)s
+)
+RETURNING id, run_id, seq, type, ts, data, partition
+"""
+# The partitions of a claim whose lock it gets, held until its transaction ends. Never waits (a partition held
+# by another relay is claimed next time), so claimers cannot deadlock. Two int4 keys: a lock space apart from the
+# migration's bigint key; the first is "aobr" in ASCII.
+_LOCK_PARTITIONS: Final = "SELECT p FROM unnest(%s::int4[]) AS p WHERE pg_try_advisory_xact_lock(%s::int4, p)"
+_RELAY_LOCK: Final = 0x616F6272
 
 #: Attempts of a batch that Postgres rolled back for a deadlock or serialization failure, or that lost its
 #: connection before COMMIT was sent (both leave nothing stored, so trying again is safe).
@@ -212,6 +280,8 @@ class OutboxEntry(msgspec.Struct, frozen=True):
 
     id: int
     record: EventRecord
+    #: The partition of the run, as the append stored it; :data:`NO_PARTITION` if it was written without one.
+    partition: int = NO_PARTITION
 
 
 def _import_psycopg() -> tuple[ModuleType, ModuleType]:
@@ -446,6 +516,9 @@ class PostgresEventLog(_PooledStore):
         max_batch: most appends committed in one transaction; bounds the latency a single batch adds.
         outbox: also write every committed event to the ``outbox`` table, in the same transaction, for a relay
             that publishes them (see :meth:`claim_outbox`).
+        outbox_partition_of: the partition of a run, stored with its outbox rows so that each partition's
+            owner relays them; may be set later (the coordinator sets it once it knows the topic's partition
+            count). Rows written while it is None are relayed by the owner of partition 0.
         connect_timeout: seconds to wait for a connection, at open and later.
     """
 
@@ -459,6 +532,7 @@ class PostgresEventLog(_PooledStore):
         max_size: int = 8,
         max_batch: int = 1024,
         outbox: bool = False,
+        outbox_partition_of: Callable[[str], int] | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         if max_batch < 1:
@@ -466,6 +540,7 @@ class PostgresEventLog(_PooledStore):
         super().__init__(dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout)
         self.max_batch = max_batch
         self.outbox = outbox
+        self.outbox_partition_of = outbox_partition_of
         self.metrics = GroupCommitMetrics()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -611,7 +686,7 @@ class PostgresEventLog(_PooledStore):
                     lasts = await conn.execute(_SELECT_LASTS, (losers,)) if losers else None
                     rows = [record for (_, records, _, _), ok in zip(batch, won) if ok for record in records]
                     if rows:
-                        await conn.execute(_INSERT_EVENTS_AND_OUTBOX if self.outbox else _INSERT_EVENTS, _columns(rows))
+                        await conn.execute(*self._insert(rows))
                     sent_commit[0] = True
             # IntegrityError: the tables contradict each other. DataError: a value Postgres cannot store (a NUL
             # in a text, which SQLite takes). Either way one append is to blame, and the savepoints find it.
@@ -628,7 +703,7 @@ class PostgresEventLog(_PooledStore):
                 [won] = await _winners([pending], await _check_runs(conn, [pending]))
                 if not won:
                     return await self._conflict_now(conn, run_id, records)
-                await conn.execute(_INSERT_EVENTS_AND_OUTBOX if self.outbox else _INSERT_EVENTS, _columns(records))
+                await conn.execute(*self._insert(records))
         except pg.errors.UniqueViolation:
             # An event already holds one of these seqs: another writer got there first, whatever runs says.
             return await self._conflict_now(conn, run_id, records)
@@ -639,6 +714,17 @@ class PostgresEventLog(_PooledStore):
                 raise
             return self._error(f"append to run {run_id!r}", exc)
         return None
+
+    def _insert(self, records: Sequence[EventRecord]) -> tuple[str, tuple[list[Any], ...]]:
+        """The statement that stores ``records`` (and their outbox rows if enabled), with its parameters."""
+        columns = _columns(records)
+        if not self.outbox:
+            return _INSERT_EVENTS, columns
+        partition_of = self.outbox_partition_of
+        if partition_of is None:
+            return _INSERT_EVENTS_AND_OUTBOX, (*columns, [], [])  # every row gets NO_PARTITION
+        runs = sorted(set(columns[0]))
+        return _INSERT_EVENTS_AND_OUTBOX, (*columns, runs, [partition_of(run_id) for run_id in runs])
 
     async def _conflict_now(
         self, conn: AsyncConnection[Any], run_id: str, records: Sequence[EventRecord]
@@ -692,39 +778,59 @@ class PostgresEventLog(_PooledStore):
     # -- outbox ----------------------------------------------------------------------------------------------
 
     async def claim_outbox(
-        self, limit: int = 500, *, lease: float = 30.0, partition: tuple[int, int] | None = None
+        self, limit: int = 500, *, lease: float = 30.0, partitions: Collection[int]
     ) -> list[OutboxEntry]:
-        """Claim up to ``limit`` unpublished outbox rows, oldest first, for ``lease`` seconds.
+        """Claim up to ``limit`` unpublished outbox rows of the runs in ``partitions``, oldest first, for ``lease``
+        seconds. Rows without a partition (:data:`NO_PARTITION`: written before schema version 3, or while
+        :attr:`outbox_partition_of` was None) count as partition 0's.
 
-        Rows are locked with ``FOR UPDATE SKIP LOCKED`` and leased, so concurrent claimers never get the same
-        row while its lease runs; a row whose relay died before :meth:`mark_published` is claimed again when
-        its lease ends (delivery is at least once; consumers dedupe by ``(run_id, seq)``).
+        A claimed row is leased: nobody else claims it while the lease runs, and a relay that dies before
+        :meth:`mark_published` loses it when the lease ends (delivery is at least once; consumers dedupe by
+        ``(run_id, seq)``). Within a run, ids follow seqs, and the claim keeps a run's events in order across
+        relays: it takes a row only if every earlier unpublished row of the run is taken too, in the same claim
+        (see ``_CLAIM``). A partition whose claim lock another relay holds at this moment is skipped this time.
 
-        Within a run, ids follow seqs. Several relays keep a run's events in order only if each run goes to
-        one relay: give relay ``i`` of ``n`` ``partition=(i, n)`` (by a hash of the run id).
+        Raises:
+            StoreError: Postgres failed.
+            ValueError: a partition is negative.
         """
-        sql = (
-            "UPDATE outbox SET claimed_until = now() + make_interval(secs => %s)"
-            " WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL"
-            " AND (claimed_until IS NULL OR claimed_until < now()){}"
-            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " RETURNING id, run_id, seq, type, ts, data"
-        )
-        params: list[Any] = [float(lease)]
-        if partition is None:
-            sql = sql.format("")
-        else:
-            shard, shards = partition
-            if not 0 <= shard < shards:
-                raise ValueError(f"partition must be (i, n) with 0 <= i < n, not {partition}")
-            sql = sql.format(" AND mod(abs(hashtext(run_id)::int8), %s) = %s")
-            params += [shards, shard]
-        params.append(max(limit, 0))
-        rows = await self._fetch(sql, params, doing="claiming outbox rows")
+        wanted = _stored_partitions(partitions)
+        if not wanted or limit <= 0:
+            return []
+        pool = await self._ready()
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                # Its own statement: the claim's snapshot must be taken after the locks are held (see _CLAIM).
+                cur = await conn.execute(_LOCK_PARTITIONS, (wanted, _RELAY_LOCK))
+                locked = [row[0] for row in await cur.fetchall()]
+                if not locked:
+                    return []
+                cur = await conn.execute(
+                    _CLAIM, {"lease": float(lease), "partitions": locked, "limit": limit}, binary=True
+                )
+                rows = await cur.fetchall()
+        except (self._pg.Error, OSError) as exc:
+            raise self._error(f"claiming the outbox rows of partitions {wanted}", exc) from exc
         rows.sort()
         return [
-            OutboxEntry(id_, EventRecord(run_id, seq, type_, ts, data)) for id_, run_id, seq, type_, ts, data in rows
+            OutboxEntry(id_, EventRecord(run_id, seq, type_, ts, data), partition)
+            for id_, run_id, seq, type_, ts, data, partition in rows
         ]
+
+    async def outbox_backlog(self, partitions: Collection[int]) -> int:
+        """How many outbox rows of ``partitions`` are unpublished (rows without a partition count as 0's).
+
+        Raises:
+            StoreError: Postgres failed.
+            ValueError: a partition is negative.
+        """
+        rows = await self._fetch(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND partition = ANY(%s::int4[])",
+            (_stored_partitions(partitions),),
+            doing="counting unpublished outbox rows",
+            read_only=True,
+        )
+        return int(rows[0][0])
 
     async def mark_published(self, ids: Iterable[int]) -> int:
         """Record outbox rows as published (they are never claimed again); how many were not already."""
@@ -759,6 +865,14 @@ class PostgresEventLog(_PooledStore):
                 await asyncio.shield(self._writer)
         finally:
             await super().close()
+
+
+def _stored_partitions(partitions: Collection[int]) -> list[int]:
+    """The ``outbox.partition`` values of ``partitions``, sorted: partition 0's include :data:`NO_PARTITION`."""
+    wanted = sorted(set(partitions))
+    if wanted and wanted[0] < 0:
+        raise ValueError(f"partitions must be at least 0, not {wanted[0]}")
+    return [NO_PARTITION, *wanted] if wanted and wanted[0] == 0 else wanted
 
 
 class _AppendFailed(Exception):

@@ -152,6 +152,8 @@ def test_three_daemons_lose_nothing_when_one_is_killed(fast_cluster: dict[str, A
         time.sleep(5)
         daemons[1].start(extra_env=ENV)  # and back: partitions rebalance again
         wait_all_completed(cluster["dsn"], run_ids)
+        wait_outbox_drained(cluster["dsn"])
+        relayed = [relayed_by_partition(d) for d in daemons]
     finally:
         for d in daemons:
             if d.proc is not None:
@@ -159,6 +161,10 @@ def test_three_daemons_lose_nothing_when_one_is_killed(fast_cluster: dict[str, A
     segments = check_history(cluster["dsn"], run_ids)
     assert sum(segments.values()) == 380
     assert interrupted(cluster["dsn"], run_ids, "b", killed_at) > 0, "the kill landed after b's runs were done"
+    # Every daemon relays the events of its own partitions (b's count restarted with it), and each run's events
+    # reached the topic in order across the kill's and the restart's rebalances.
+    assert relayed[0] and relayed[2], relayed
+    check_events_topic(cluster, prefix, run_ids)
 
 
 def wait_until_driving(dsn: str, writer: str, timeout: float = 60) -> None:
@@ -212,10 +218,12 @@ def test_broker_restart_loses_nothing(cluster: dict[str, Any]) -> None:
         cluster["broker"].restart()
         later = start_runs(daemons, [(slow, {})] * 30)
         wait_all_completed(cluster["dsn"], first + later)
-        wait_outbox_drained(cluster["dsn"])  # by the relay, while the daemons run
+        wait_outbox_drained(cluster["dsn"])  # by the relays, while the daemons run
+        relayed = [relayed_by_partition(d) for d in daemons]
     finally:
         for d in daemons:
             d.stop()
+    assert all(relayed), relayed  # each daemon relayed its own partitions' events
     check_history(cluster["dsn"], first + later)
     # Across the broker restart too, every committed event left through the outbox, in order.
     check_events_topic(cluster, prefix, first + later)
@@ -232,6 +240,14 @@ def wait_outbox_drained(dsn: str, timeout: float = 90) -> None:
                 return
             time.sleep(0.2)
     raise AssertionError(f"the outbox was not drained: {row and row[0]} events never published")
+
+
+def relayed_by_partition(d: Daemon) -> dict[str, int]:
+    """The outbox rows ``d`` relayed, by partition (its status)."""
+    counts: dict[str, int] = d.request("GET", "/v1/admin/status").body["planes"]["cluster"][
+        "outbox_relayed_by_partition"
+    ]
+    return counts
 
 
 def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str]) -> None:

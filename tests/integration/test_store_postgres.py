@@ -20,8 +20,15 @@ import pytest
 
 import tests.unit.test_store_contract as contract
 from aobd.errors import ConflictError, StoreError
-from aobd.store import migrate_cli
-from aobd.store.postgres import SCHEMA_VERSION, PostgresEventLog, PostgresMetaStore, migrate
+from aobd.store import migrate_cli, postgres
+from aobd.store.postgres import (
+    NO_PARTITION,
+    SCHEMA_VERSION,
+    OutboxEntry,
+    PostgresEventLog,
+    PostgresMetaStore,
+    migrate,
+)
 from aobd.store.protocols import EventLog, EventRecord, RunIndex
 from tests.services import postgres_admin_dsn, service_missing
 from tests.unit.test_store_contract import (
@@ -349,6 +356,15 @@ def test_unreachable_database_fails_with_a_store_error(databases: _Databases) ->
 # -- outbox ----------------------------------------------------------------------------------------------------
 
 
+def _seqs(entries: list[OutboxEntry]) -> list[tuple[str, int]]:
+    return [(e.record.run_id, e.record.seq) for e in entries]
+
+
+def _partition(run_id: str) -> int:
+    """The tests' partitioner: ``r<n>`` is in partition ``n % 4``."""
+    return int(run_id.lstrip("r")) % 4
+
+
 def test_outbox_holds_exactly_the_committed_events(db: str) -> None:
     async def body(log: PostgresEventLog) -> None:
         await log.append("a", recs("a", 1, 3))
@@ -361,7 +377,9 @@ def test_outbox_holds_exactly_the_committed_events(db: str) -> None:
         )
         assert [isinstance(o, ConflictError) for o in outcomes] == [False, True, True, False]
         committed = await log.read("a") + await log.read("b")
-        claimed = await log.claim_outbox(100)
+        # Written without a partitioner: every row is partition 0's.
+        claimed = await log.claim_outbox(100, partitions=[0])
+        assert {entry.partition for entry in claimed} == {NO_PARTITION}
         assert sorted((entry.record for entry in claimed), key=_key) == sorted(committed, key=_key)
         by_run: dict[str, list[int]] = {}
         for entry in claimed:  # ids follow seqs within a run
@@ -375,52 +393,121 @@ def test_outbox_holds_exactly_the_committed_events(db: str) -> None:
 def test_outbox_is_not_written_without_the_option(db: str) -> None:
     async def body(log: PostgresEventLog) -> None:
         await log.append("a", recs("a", 1, 3))
-        assert await log.claim_outbox(10) == []
+        assert await log.claim_outbox(10, partitions=[0, 1, 2, 3]) == []
 
     run(lambda: PostgresEventLog(db), body)
 
 
-def test_two_claimers_never_claim_a_row_twice(db: str) -> None:
-    async def claimer(log: PostgresEventLog, claimed: list[int]) -> None:
-        while batch := await log.claim_outbox(17):
-            claimed.extend(entry.id for entry in batch)
-            assert await log.mark_published(entry.id for entry in batch) == len(batch)
-            await asyncio.sleep(0)
+def test_a_claim_returns_only_the_rows_of_its_partitions(db: str) -> None:
+    async def body(log: PostgresEventLog) -> None:
+        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 3)) for i in range(20)))
+        assert await log.outbox_backlog([1, 3]) == 30
+        claimed = await log.claim_outbox(100, partitions={3, 1})
+        assert len(claimed) == 30
+        assert all(_partition(e.record.run_id) == e.partition in (1, 3) for e in claimed)
+        assert [e.id for e in claimed] == sorted(e.id for e in claimed)  # oldest first
+        assert await log.claim_outbox(100, partitions=[1, 3]) == []  # leased
+        assert await log.claim_outbox(100, partitions=[]) == []
+        [zero] = {e.partition for e in await log.claim_outbox(100, partitions=[0])}
+        assert zero == 0
+        # The limit takes the oldest rows.
+        assert [e.id for e in await log.claim_outbox(4, partitions=[2])] == [
+            id_ for (id_,) in _sql(db, "SELECT id FROM outbox WHERE partition = 2 ORDER BY id LIMIT 4")
+        ]
+        with pytest.raises(ValueError, match="at least 0"):
+            await log.claim_outbox(1, partitions=[-1])
+
+    run(lambda: PostgresEventLog(db, outbox=True, outbox_partition_of=_partition), body)
+
+
+def test_a_run_waits_while_another_relay_leases_its_earlier_rows(db: str) -> None:
+    """A partition's new owner must not publish seq n + 1 while the old owner's claim holds seq n."""
+
+    async def body(old: PostgresEventLog) -> None:
+        async with PostgresEventLog(db, outbox=True, outbox_partition_of=_partition) as new:
+            await old.append("r1", recs("r1", 1, 3))
+            await old.append("r5", recs("r5", 1, 2))
+            held = await old.claim_outbox(100, lease=30.0, partitions=[1])
+            assert _seqs(held) == [("r1", 1), ("r1", 2), ("r1", 3), ("r5", 1), ("r5", 2)]
+            # The partition moves; the old owner is still publishing.
+            await new.append("r1", recs("r1", 4, 2))
+            await new.append("r9", recs("r9", 1, 1))
+            assert _seqs(await new.claim_outbox(100, partitions=[1])) == [("r9", 1)]
+            assert await new.claim_outbox(100, partitions=[1]) == []
+            # Published: the later rows go.
+            await old.mark_published(e.id for e in held if e.record.run_id == "r1")
+            later = await new.claim_outbox(100, partitions=[1])
+            assert _seqs(later) == [("r1", 4), ("r1", 5)]
+
+            # A lease that ends (the old owner died) hands the run over from its first unpublished row.
+            await new.mark_published(e.id for e in later)
+            await old.append("r13", recs("r13", 1, 2))
+            [first, _] = await old.claim_outbox(100, lease=0.3, partitions=[1])
+            await new.append("r13", recs("r13", 3, 1))
+            assert await new.claim_outbox(100, partitions=[1]) == []
+            await asyncio.sleep(0.4)
+            taken = await new.claim_outbox(100, partitions=[1])
+            assert _seqs(taken) == [("r13", 1), ("r13", 2), ("r13", 3)]
+            assert taken[0].id == first.id
+
+    run(lambda: PostgresEventLog(db, outbox=True, outbox_partition_of=_partition), body)
+
+
+def test_relays_on_overlapping_partitions_claim_each_row_once_and_in_run_order(db: str) -> None:
+    """Three relays claiming the same partitions at once (a rebalance in progress) never take a row twice, and
+    each run's rows are claimed in seq order: a claim takes a run's later rows only once the earlier ones are
+    marked published."""
+    order: list[tuple[str, int]] = []
+
+    async def relay(log: PostgresEventLog, claimed: list[int], partitions: list[int]) -> None:
+        while await log.outbox_backlog(partitions):
+            batch = await log.claim_outbox(7, lease=30.0, partitions=partitions)
+            order.extend((e.record.run_id, e.record.seq) for e in batch)
+            claimed.extend(e.id for e in batch)
+            await asyncio.sleep(0)  # the others claim while this batch is "being published"
+            assert await log.mark_published(e.id for e in batch) == len(batch)
 
     async def body(log: PostgresEventLog) -> None:
-        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 5)) for i in range(100)))
+        async def writer(i: int) -> None:
+            for seq in range(1, 6):
+                await log.append(f"r{i}", recs(f"r{i}", seq, 1))
+
+        await asyncio.gather(*(writer(i) for i in range(40)))
         async with PostgresEventLog(db, outbox=True) as other:
             mine: list[int] = []
             theirs: list[int] = []
-            await asyncio.gather(claimer(log, mine), claimer(other, theirs), claimer(other, theirs))
+            await asyncio.gather(
+                relay(log, mine, [0, 1, 2, 3]), relay(other, theirs, [0, 1, 2, 3]), relay(other, theirs, [1, 2])
+            )
             assert mine and theirs
             assert not set(mine) & set(theirs)
-            assert sorted(mine + theirs) == list(range(1, 501))
             assert len(set(theirs)) == len(theirs)
-        assert await log.claim_outbox(10) == []
+            assert sorted(mine + theirs) == list(range(1, 201))
+        for i in range(40):
+            assert [seq for run_id, seq in order if run_id == f"r{i}"] == [1, 2, 3, 4, 5]
+        assert await log.claim_outbox(10, partitions=[0, 1, 2, 3]) == []
         assert await log.mark_published([1, 2]) == 0  # already published
-        assert await log.purge_outbox(older_than=0.0) == 500
+        assert await log.purge_outbox(older_than=0.0) == 200
 
-    run(lambda: PostgresEventLog(db, outbox=True), body)
+    run(lambda: PostgresEventLog(db, outbox=True, outbox_partition_of=_partition), body)
 
 
-def test_outbox_lease_expires_and_partitions_split_the_runs(db: str) -> None:
+def test_rows_without_a_partition_are_relayed_by_partition_0_before_their_runs_later_rows(db: str) -> None:
     async def body(log: PostgresEventLog) -> None:
-        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 2)) for i in range(20)))
-        first = await log.claim_outbox(5, lease=0.2)
-        assert [entry.id for entry in first] == [1, 2, 3, 4, 5]
-        second = await log.claim_outbox(5, lease=0.2)
-        assert [entry.id for entry in second] == [6, 7, 8, 9, 10]
-        await asyncio.sleep(0.3)  # the relay died: its rows come back, oldest first
-        assert [entry.id for entry in await log.claim_outbox(5)] == [1, 2, 3, 4, 5]
-        await log.mark_published(range(1, 41))
-        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 3, 1)) for i in range(20)))
-        halves = [await log.claim_outbox(100, partition=(shard, 2)) for shard in (0, 1)]
-        runs = [{entry.record.run_id for entry in half} for half in halves]
-        assert runs[0] and runs[1] and not runs[0] & runs[1]
-        assert runs[0] | runs[1] == {f"r{i}" for i in range(20)}
-        with pytest.raises(ValueError, match="partition"):
-            await log.claim_outbox(1, partition=(2, 2))
+        await log.append("r1", recs("r1", 1, 2))  # written before the partition count was known
+        log.outbox_partition_of = _partition
+        await log.append("r1", recs("r1", 3, 1))
+        await log.append("r4", recs("r4", 1, 1))
+        assert await log.outbox_backlog([0]) == 3
+        assert await log.claim_outbox(10, partitions=[1]) == []  # r1's first rows come first
+        legacy = await log.claim_outbox(10, partitions=[0])
+        assert [(e.record.run_id, e.record.seq, e.partition) for e in legacy] == [
+            ("r1", 1, NO_PARTITION),
+            ("r1", 2, NO_PARTITION),
+            ("r4", 1, 0),
+        ]
+        await log.mark_published(e.id for e in legacy)
+        assert _seqs(await log.claim_outbox(10, partitions=[1])) == [("r1", 3)]
 
     run(lambda: PostgresEventLog(db, outbox=True), body)
 
@@ -438,6 +525,45 @@ def test_migrate_is_idempotent_and_safe_when_concurrent(databases: _Databases) -
 
     asyncio.run(main())
     assert _sql(dsn, "SELECT version FROM aobd_schema ORDER BY version") == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_migration_3_upgrades_an_outbox_whose_rows_are_then_relayed(
+    databases: _Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = databases.create()
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:2])
+    assert asyncio.run(migrate(dsn)) == [1, 2]
+    monkeypatch.undo()
+    # What an aobd of schema version 2 wrote: r1's two events unpublished, r6's one published already.
+    _sql(
+        dsn,
+        "INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, workspace)"
+        " VALUES ('r1', 'wf', 'running', 1, 1, 2, 'default'), ('r6', 'wf', 'running', 1, 1, 1, 'default')",
+    )
+    for run_id, seq in [("r1", 1), ("r1", 2), ("r6", 1)]:
+        _sql(dsn, "INSERT INTO events VALUES (%s, %s, 'step', 1, 'old')", (run_id, seq))
+        _sql(dsn, "INSERT INTO outbox (run_id, seq, type, ts, data) VALUES (%s, %s, 'step', 1, 'old')", (run_id, seq))
+    _sql(dsn, "UPDATE outbox SET published_at = now() WHERE run_id = 'r6'")
+
+    assert asyncio.run(migrate(dsn)) == [3]
+    assert _sql(dsn, "SELECT DISTINCT partition FROM outbox") == [(NO_PARTITION,)]
+    indexes = {name for (name,) in _sql(dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'outbox'")}
+    assert indexes == {"outbox_pkey", "outbox_unpublished_by_partition", "outbox_unpublished_by_run"}
+
+    async def body(log: PostgresEventLog) -> None:
+        await log.append("r1", recs("r1", 3, 1))  # partition 1, behind its unpublished rows of before
+        await log.append("r6", recs("r6", 2, 1))  # partition 2, whose old row is published
+        assert _seqs(await log.claim_outbox(10, partitions=[1, 2, 3])) == [("r6", 2)]
+        legacy = await log.claim_outbox(10, partitions=[0])  # the owner of partition 0 relays the old rows
+        assert [(e.record.run_id, e.record.seq, e.record.data) for e in legacy] == [
+            ("r1", 1, b"old"),
+            ("r1", 2, b"old"),
+        ]
+        await log.mark_published(e.id for e in legacy)
+        assert _seqs(await log.claim_outbox(10, partitions=[1])) == [("r1", 3)]
+        assert await log.outbox_backlog([0, 1, 2, 3]) == 2  # claimed, not yet marked
+
+    run(lambda: PostgresEventLog(dsn, outbox=True, outbox_partition_of=_partition), body)
 
 
 def test_migrate_cli(pg_dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -537,7 +663,7 @@ def test_event_record_from_outbox_is_the_stored_one(db: str) -> None:
 
     async def body(log: PostgresEventLog) -> None:
         await log.append("r", [record], index=RunIndex(workflow="wf"))
-        [entry] = await log.claim_outbox(10)
+        [entry] = await log.claim_outbox(10, partitions=[0])
         assert entry.record == record
 
     run(lambda: PostgresEventLog(db, outbox=True), body)
