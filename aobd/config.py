@@ -152,6 +152,13 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: With execution = "bus": node jobs this daemon's runner executes at once (taken from node.jobs.*; a job
     #: waits on Kafka, not in memory, while every slot is busy). 0: this daemon runs no jobs, it only orchestrates.
     runner_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 256
+    #: The secret every daemon of the cluster shares (env AOBD_PEER_TOKEN), at least 32 printable ASCII characters.
+    #: With it, a command sent over the admin socket for a run another daemon drives is forwarded to that daemon,
+    #: which accepts it as the admin socket's caller; without it, such a command gets a 409 naming the owner.
+    #: Never logged; `aobctl config show` masks it.
+    peer_token: str = ""
+    #: A file holding peer_token (e.g. a systemd credential), read at start and on reload; set one of the two.
+    peer_token_file: str = ""
 
 
 #: The most orchestrators ``[planes] orchestrators = 0`` starts.
@@ -286,6 +293,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "AOBD_REDIS_URL": ("redis.url", str),
     "AOBD_KAFKA_BOOTSTRAP": ("kafka.bootstrap", str),
     "AOBD_DAEMON_ID": ("cluster.daemon_id", str),
+    "AOBD_PEER_TOKEN": ("cluster.peer_token", str),
     "AOBD_PLANES_ORCHESTRATORS": ("planes.orchestrators", int),
 }
 
@@ -314,6 +322,8 @@ def masked(config: Config) -> dict[str, Any]:
     tree: dict[str, Any] = msgspec.to_builtins(config)
     for token in tree.get("auth", {}).get("tokens", []):
         token["token"] = "***"
+    if tree.get("cluster", {}).get("peer_token"):
+        tree["cluster"]["peer_token"] = "***"
     return tree
 
 
@@ -340,10 +350,41 @@ def load_config(
         if value is not None:
             _set(raw, key, value)
     try:
-        return msgspec.convert(raw, Config)
+        config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}: {exc}") from None
+    return _with_peer_token(config)
+
+
+#: The fewest characters of cluster.peer_token: 32 hex digits are 128 bits, beyond guessing over the network.
+PEER_TOKEN_MIN = 32
+
+
+def _with_peer_token(config: Config) -> Config:
+    """``config`` with ``cluster.peer_token`` read from ``cluster.peer_token_file`` when that is set, checked."""
+    cluster = config.cluster
+    token = cluster.peer_token
+    if cluster.peer_token_file:
+        if token:
+            raise ConfigError("set cluster.peer_token or cluster.peer_token_file, not both")
+        try:
+            token = Path(cluster.peer_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cluster.peer_token_file {cluster.peer_token_file} cannot be read: {exc.strerror or exc}"
+            ) from None
+        if not token:
+            raise ConfigError(f"cluster.peer_token_file {cluster.peer_token_file} is empty")
+        config = msgspec.structs.replace(config, cluster=msgspec.structs.replace(cluster, peer_token=token))
+    key = "cluster.peer_token_file" if cluster.peer_token_file else "cluster.peer_token"
+    if token and (len(token) < PEER_TOKEN_MIN or not (token.isascii() and token.isprintable()) or " " in token):
+        # It travels as an HTTP header and grants admin: printable ASCII without spaces, and long enough.
+        raise ConfigError(
+            f"{key} must be at least {PEER_TOKEN_MIN} printable ASCII characters without spaces "
+            f"(e.g. the output of `openssl rand -hex 32`), the same on every daemon of the cluster"
+        )
+    return config
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -138,7 +138,8 @@ class Conflict(AobdError):
 
 class Misdirected(Conflict):
     """A command for a run another daemon of the cluster drives. The API forwards it to ``owner_url`` when it
-    knows the owner; otherwise (or on the admin socket, which has no token to forward) it is a 409."""
+    knows the owner (from the admin socket, which has no token to pass on, only with ``cluster.peer_token``);
+    otherwise it is a 409."""
 
     code = "misdirected"
 

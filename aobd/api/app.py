@@ -37,7 +37,7 @@ from aobd.errors import (
 )
 from aobd.model.canonical import canonical_json
 
-from .forward import FORWARDED_BY, Forwarder
+from .forward import FORWARDED_ADMIN, FORWARDED_BY, PEER_TOKEN, Forwarder, to_owner
 
 log = structlog.get_logger("aobd.api")
 
@@ -70,11 +70,7 @@ class Request:
     body: bytes = b""
 
     def header(self, name: str) -> str | None:
-        key = name.lower().encode()
-        for k, v in self.scope.get("headers", []):
-            if k == key:
-                return str(v.decode("latin-1"))
-        return None
+        return _header(self.scope, name.lower())
 
     def decode(self, kind: type[Any]) -> Any:
         if not self.body:
@@ -156,15 +152,15 @@ class Api:
         self.listen = listen
         self.hub = hub
         self.metrics = metrics
-        self.auth = Authenticator(self.config.auth.tokens)
+        self.auth = Authenticator(self.config.auth.tokens, peer_token=self.config.cluster.peer_token)
         self.limiter = limiter if limiter is not None else make_limiter(self.config)
         self._routes = [(r, r.pattern()) for r in ROUTES]
         self._forwarder: Forwarder | None = None
 
     def reload(self, config: Any) -> None:
-        """SIGHUP: tokens, rate limits and body limits change live."""
+        """SIGHUP: tokens (the peer token too), rate limits and body limits change live."""
         self.config = config
-        self.auth = Authenticator(config.auth.tokens)
+        self.auth = Authenticator(config.auth.tokens, peer_token=config.cluster.peer_token)
         self.limiter.reconfigure(config.limits)
         fallback = getattr(self.limiter, "fallback", None)
         if fallback is not None:
@@ -242,19 +238,26 @@ class Api:
                 )
 
     async def _forward(self, request: Request, exc: Misdirected) -> Response:
-        """A command for a run another daemon drives: its answer, when it can be asked (a known owner, a request
-        with its own token, not forwarded already); otherwise the misdirection itself (409)."""
+        """A command for a run another daemon drives: its answer, when it can be asked (a known owner, not
+        forwarded already, and for the admin socket a peer token); otherwise the misdirection itself (409)."""
         scope = request.scope
-        preset = scope.get("extensions", {}).get("aobd.caller") is not None  # the admin socket: no token to pass on
-        if exc.owner_url is None or preset or request.header(FORWARDED_BY) is not None:
-            raise exc
-        if self._forwarder is None:
-            self._forwarder = Forwarder(getattr(self.service.cluster, "daemon_id", "") or "unknown")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        url, sent = to_owner(
+            exc,
+            headers,
+            daemon_id=self._daemon_id(),
+            admin=scope.get("extensions", {}).get("aobd.caller"),  # the admin socket: no token to pass on
+            peer_token=self.config.cluster.peer_token,
+        )
+        if self._forwarder is None:
+            self._forwarder = Forwarder()
         status, content_type, body = await self._forwarder.forward(
-            scope["method"], scope["path"], scope.get("query_string", b""), headers, request.body, exc.owner_url
+            scope["method"], scope["path"], scope.get("query_string", b""), sent, request.body, url
         )
         return Response(status=status, content_type=content_type, raw=body)
+
+    def _daemon_id(self) -> str:
+        return getattr(self.service.cluster, "daemon_id", "") or self.config.cluster.daemon_id or "unknown"
 
     async def close(self) -> None:
         await self.limiter.close()
@@ -265,6 +268,11 @@ class Api:
         preset = scope.get("extensions", {}).get("aobd.caller")
         if preset is not None:
             caller: Caller = preset  # the admin unix socket vouches for the peer
+        elif (claim := _header(scope, FORWARDED_ADMIN)) is not None:
+            # A command another daemon's admin socket forwarded. The header claims admin, so without the right
+            # peer token it is refused (401), never ignored: ignoring it would run the command as whoever the
+            # rest of the request names, not as the caller it claims to be.
+            caller = self.auth.forwarded_admin(claim, _header(scope, PEER_TOKEN), _header(scope, FORWARDED_BY))
         elif route.role is None or (route.op_id == "metrics" and self.config.api.metrics_public):
             return Caller("default", "read", "anonymous")
         else:
@@ -318,6 +326,15 @@ class Api:
             await self._send(send, Response(body, status, headers=extra))
         except Exception:  # the response had already started (a stream): nothing more can be said
             log.debug("could not send error response", status=status)
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    """The first value of header ``name`` (lower case), decoded as latin-1."""
+    key = name.encode()
+    for k, v in scope.get("headers", []):
+        if k == key:
+            return str(v.decode("latin-1"))
+    return None
 
 
 class _MethodNotAllowed(AobdError):

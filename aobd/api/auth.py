@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from aobd.config import Config, LimitsConfig, TokenConfig
 from aobd.daemon.service import Caller
@@ -21,10 +22,11 @@ class Authenticator:
     every caller is the admin of the ``default`` workspace.
     """
 
-    def __init__(self, tokens: Sequence[TokenConfig]) -> None:
+    def __init__(self, tokens: Sequence[TokenConfig], *, peer_token: str = "") -> None:
         self._tokens = [
             (t.token.encode(), Caller(t.workspace, t.role, t.name or f"token:{t.workspace}")) for t in tokens
         ]
+        self._peer_token = peer_token.encode()
 
     @property
     def open(self) -> bool:
@@ -42,6 +44,39 @@ class Authenticator:
             if hmac.compare_digest(token, given):
                 return caller
         raise Unauthorized("unknown token")
+
+    def forwarded_admin(self, claim: str, secret: str | None, forwarded_by: str | None) -> Caller:
+        """The admin-socket caller another daemon of the cluster forwarded a command for (``aobd.api.forward``).
+
+        Args:
+            claim: the ``aobd-forwarded-admin`` header, ``workspace=<ws>&caller=<name>``.
+            secret: the ``aobd-peer-token`` header, or None.
+            forwarded_by: the ``aobd-forwarded-by`` header (the forwarding daemon), or None.
+
+        Returns:
+            The admin of the claimed workspace, named ``admin:<name> via <daemon>`` in what it records.
+
+        Raises:
+            Unauthorized: this daemon has no peer token, or ``secret`` is not it, or the claim is malformed.
+        """
+        if not self._peer_token:
+            raise Unauthorized(
+                "aobd-forwarded-admin is accepted only by a daemon with cluster.peer_token set; this one has none"
+            )
+        # Constant-time, as for tokens: the peer token grants admin of any workspace.
+        if secret is None or not hmac.compare_digest(self._peer_token, secret.encode("latin-1", "replace")):
+            raise Unauthorized(
+                "aobd-forwarded-admin needs this cluster's peer token in aobd-peer-token "
+                "(cluster.peer_token must be the same on every daemon)"
+            )
+        fields = parse_qs(claim, keep_blank_values=True)
+        workspace, name = fields.get("workspace", [""])[-1], fields.get("caller", [""])[-1]
+        if not workspace or not name or not forwarded_by:
+            raise Unauthorized(
+                "a forwarded admin command must name its workspace and caller (aobd-forwarded-admin: "
+                "workspace=<ws>&caller=<name>) and the daemon that forwarded it (aobd-forwarded-by)"
+            )
+        return Caller(workspace, "admin", f"admin:{name} via {forwarded_by}", via="peer")
 
 
 class _Bucket:

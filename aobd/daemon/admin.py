@@ -3,8 +3,9 @@
 The socket file is created 0600, and every connection's peer credentials (SO_PEERCRED) must name the
 daemon's own user or root: file permissions alone can be loosened by a careless ``chmod``, the credential
 check cannot. Requests are bridged into the ASGI app with the caller preset as the admin of the workspace
-named by the ``X-Aobd-Workspace`` header (default ``default``). Served by aiohttp because granian does not
-expose the peer socket of a unix connection.
+named by the ``X-Aobd-Workspace`` header (default ``default``). In a cluster, a command for a run another daemon
+drives goes on to that daemon as this caller only with ``cluster.peer_token`` (:mod:`aobd.api.forward`). Served by
+aiohttp because granian does not expose the peer socket of a unix connection.
 """
 
 from __future__ import annotations

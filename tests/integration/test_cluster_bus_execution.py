@@ -4,6 +4,7 @@ attempts, also of runs the other daemon owns, and every run's history stays exac
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -94,12 +95,15 @@ def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, A
 def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(cluster: dict[str, Any]) -> None:
     import psycopg
 
+    from aobd.api.forward import FORWARDED_ADMIN, FORWARDED_BY, PEER_TOKEN
     from aobd.bus.kafka import partition_of
+    from aobd.ctl.client import Client, Target
 
     prefix = f"f{uuid.uuid4().hex[:6]}"
     daemons = [bus_daemon(cluster, name, prefix) for name in ("u", "v")]
+    peer_token = uuid.uuid4().hex + uuid.uuid4().hex  # what lets the admin socket's commands be forwarded
     for d in daemons:
-        d.start(extra_env=AWS_ENV)
+        d.start(extra_env={**AWS_ENV, "AOBD_PEER_TOKEN": peer_token})
     slow = {
         "name": "slow",
         "nodes": [{"id": "wait", "type": "function", "config": {"handler": "builtin:sleep", "ms": 20000}}],
@@ -148,6 +152,18 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
         while stranger.request("GET", f"/v1/runs/{gated_id}").body["status"] != "completed":
             assert time.monotonic() < deadline, "the approved run did not complete"
             time.sleep(0.2)
+
+        # aobctl's way: over the stranger's admin socket, without a token, forwarded with the peer token.
+        while True:
+            socket_id = daemons[0].request("POST", "/v1/runs", {"definition": gated}).body["run_id"]
+            if partition_of(socket_id, 6) in owned[owner_index]:
+                break
+        forged = {FORWARDED_ADMIN: "workspace=default&caller=mallory", FORWARDED_BY: "x", PEER_TOKEN: "0" * 64}
+        refused = stranger.request("POST", f"/v1/runs/{socket_id}/cancel", {}, headers=forged)
+        assert refused.status == 401, refused.body  # the header that grants admin, without the secret
+        with Client(Target(socket_path=str(stranger.socket))) as ctl:
+            by_socket = ctl.post(f"/v1/runs/{socket_id}/cancel", {"reason": "over the socket"})
+        assert by_socket["status"] == "cancelled"
     finally:
         for d in daemons:
             d.stop()
@@ -155,6 +171,13 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
         rows = conn.execute(
             "SELECT convert_from(data, 'UTF8') FROM events WHERE run_id = %s ORDER BY seq", (run_id,)
         ).fetchall()
+        socket_rows = conn.execute(
+            "SELECT convert_from(data, 'UTF8') FROM events WHERE run_id = %s ORDER BY seq", (socket_id,)
+        ).fetchall()
     events = [json.loads(r[0]) for r in rows]
     assert events[-1]["type"] == "RunCancelled"
     assert events[-1]["writer"] == ("u", "v")[owner_index]  # recorded by the owner, not by the daemon asked
+    cancelled = json.loads(socket_rows[-1][0])
+    assert cancelled["type"] == "RunCancelled" and cancelled["reason"] == "over the socket"
+    assert cancelled["writer"] == ("u", "v")[owner_index]
+    assert cancelled["by"] == f"admin:uid:{os.getuid()} via {('u', 'v')[1 - owner_index]}"  # who, through whom
