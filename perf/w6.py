@@ -6,7 +6,10 @@
 ``inprocess`` drives the engine in this process on the embedded stores (SQLite with synchronous=FULL and the
 local CAS in a temporary data dir, unless ``--store memory``). Hop latency is the time from the end of one
 node's handler to the start of the next one's (s1->s2, s2->s3, s3->b1, s3->b2, b1->j / b2->j, whichever
-finished last), measured with perf_counter stamps taken inside the handlers.
+finished last), measured with perf_counter stamps taken inside the handlers. It also says where the time went:
+``loop_busy`` (the event loop thread's CPU over the wall time) and, on SQLite, ``log_in_commit`` (the writer's
+time inside transactions over the wall time) and ``appends_per_commit``: near 1.0 on both, the two cores are
+the bound.
 
 ``http`` starts ``aobd serve --single-process`` on a temporary data dir (or uses ``--url``) and keeps
 ``--concurrency`` clients each starting a W6 run with ``POST /v1/runs?wait=60`` (the answer comes when the
@@ -136,11 +139,21 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
             summary = await engine.run(doc, {"x": 1})
             statuses.append(summary["status"] if summary["outputs"] == {"x": 20} else "wrong")
 
-    cpu_before = cpu_seconds()
+    metrics = getattr(log, "metrics", None)  # the SQLite log's group commit figures
+    commits_before, commit_s_before, appends_before = (
+        (metrics.commits, metrics.commit_seconds_total, metrics.appends) if metrics else (0, 0.0, 0)
+    )
+    cpu_before, loop_cpu_before = cpu_seconds(), time.thread_time()
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(runs)))
     elapsed = time.perf_counter() - started
-    cpu = cpu_seconds() - cpu_before
+    cpu, loop_cpu = cpu_seconds() - cpu_before, time.thread_time() - loop_cpu_before
+    where: dict[str, float] = {"loop_busy": round(loop_cpu / elapsed, 3)}  # the event loop's thread's CPU share
+    if metrics:
+        commits = metrics.commits - commits_before
+        # Time inside transactions (BEGIN to COMMIT, fsync included) as a share of the run: the writer's load.
+        where["log_in_commit"] = round((metrics.commit_seconds_total - commit_s_before) / elapsed, 3)
+        where["appends_per_commit"] = round((metrics.appends - appends_before) / max(commits, 1), 1)
     await engine.close()
     await cas.close()
     await log.close()
@@ -161,6 +174,7 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
         "hop_p99_ms": round(percentile(hops, 0.99), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "cpu_ms_per_1000_nodes": round(cpu * 1000.0 / (6 * runs) * 1000.0, 1),
+        **where,
     }
 
 

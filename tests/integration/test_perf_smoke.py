@@ -34,6 +34,9 @@ def test_w6_inprocess_prints_every_figure() -> None:
     for key in ("workflows_per_s", "node_executions_per_s", "hop_p50_ms", "hop_p99_ms", "peak_rss_mb"):
         assert result[key] > 0, key
     assert result["cpu_ms_per_1000_nodes"] > 0
+    # Where the time went: shares of the run's wall time, so never above one (the loop is one thread).
+    assert 0 < result["loop_busy"] <= 1 and 0 < result["log_in_commit"] <= 1
+    assert result["appends_per_commit"] >= 1
 
 
 def test_longpoll_reports_the_latency_of_simultaneous_waiting_clients() -> None:
