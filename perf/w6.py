@@ -14,8 +14,11 @@ the bound.
 ``http`` starts ``aobd serve --single-process`` on a temporary data dir (or uses ``--url``) and keeps
 ``--concurrency`` clients each starting a W6 run with ``POST /v1/runs?wait=60`` (the answer comes when the
 run finished) over keep-alive HTTP/1.1; latency is start-to-completion per run. Hops come from the events of a
-sample of runs (a node's start is its completion time minus its duration). The ``cluster`` mode comes with
-the scale-out issue.
+sample of runs (a node's start is its completion time minus its duration).
+
+``http2`` drives the daemon (``--processes``: single, multi, or the default layout multi-accept) with h2load,
+each request ``POST /v1/runs?wait=60``, ``--concurrency`` connections of 4 streams each. ``cluster`` runs N
+daemons on Postgres, Kafka (Tansu), S3 and Redis (perf/cluster.py).
 """
 
 from __future__ import annotations
