@@ -1,6 +1,6 @@
 """The fanout plane: committed events from the orchestrators to the accept workers' live streams.
 
-Orchestrators publish through an :class:`EventPublisher` (an engine listener) to the plane's XSUB
+Orchestrators publish through an :class:`EventPublisher` (an engine record listener) to the plane's XSUB
 (:func:`aobd.planes.paths.fanout_in`); the plane forwards to its XPUB (:func:`aobd.planes.paths.fanout_out`), where
 each accept worker's :class:`FanoutSubscriber` feeds the local :class:`~aobd.api.fanout.FanoutHub` that SSE and
 WebSocket streams subscribe to. A message is one frame, the msgpack array ``[[run_id, [event JSON, ...]], ...]``:
