@@ -67,6 +67,7 @@ bench: build
 	$(PY) -m perf.bench_patch
 	$(PY) -m perf.bench_routing
 	$(PY) -m perf.bench_store
+	$(PY) -m perf.bench_engine
 	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
 	$(PY) -m perf.longpoll --requests 300
 

@@ -158,6 +158,11 @@ async def run_floor(runs: int, concurrency: int, data_dir: Path) -> dict[str, An
     }
 
 
+def _key(store: str, fidelity: str) -> str:
+    """``aobd``, ``aobd_fast``, ``aobd_memory``, ``aobd_memory_fast``: the result's key for one aobd run."""
+    return "aobd" + ("_memory" if store == "memory" else "") + ("_fast" if fidelity == "fast" else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3000)
@@ -191,26 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     ):
         floor = runner.run(run_floor(args.runs, args.concurrency, Path(tmp)))
         result: dict[str, Any] = {"floor": floor}
-        fidelities = (
-            [] if args.no_aobd else [("aobd", "full")] if args.full_only else [("aobd", "full"), ("aobd_fast", "fast")]
-        )
-        if args.ceiling:
-            fidelities += [(key.replace("aobd", "aobd_memory"), fidelity) for key, fidelity in fidelities]
-        for key, fidelity in fidelities:
+        # (result key, store, fidelity) of each aobd run beside the floor.
+        wanted = [] if args.no_aobd else ["full"] if args.full_only else ["full", "fast"]
+        stores = ["sqlite", "memory"] if args.ceiling else ["sqlite"]
+        rows = [(_key(store, fidelity), store, fidelity) for store in stores for fidelity in wanted]
+        for key, store, fidelity in rows:
             aobd_dir = Path(tmp) / key
             aobd_dir.mkdir()
-            store = "memory" if key.startswith("aobd_memory") else "sqlite"
             aobd = runner.run(run_inprocess(args.runs, args.concurrency, store, fidelity, aobd_dir))
             result[key] = aobd
             result[f"{key}_to_floor"] = round(aobd["workflows_per_s"] / floor["workflows_per_s"], 3)
     if not args.json:
         print(f"floor: {floor['workflows_per_s']} workflows/s ({floor['events_per_commit']} events per commit)")
-        for key, fidelity in fidelities:
-            store = "in memory, nothing durable" if key.startswith("aobd_memory") else "durable"
-            print(f"aobd in-process, {fidelity}, {store}: {result[key]['workflows_per_s']} workflows/s")
+        for key, store, fidelity in rows:
+            durability = "in memory, nothing durable" if store == "memory" else "durable"
+            print(f"aobd in-process, {fidelity}, {durability}: {result[key]['workflows_per_s']} workflows/s")
             print(f"  / floor: {result[f'{key}_to_floor']} (goal >= 0.6)")
     print(json.dumps(result))
-    complete = floor["completed"] == args.runs and all(result[key]["completed"] == args.runs for key, _ in fidelities)
+    complete = floor["completed"] == args.runs and all(result[key]["completed"] == args.runs for key, _, _ in rows)
     return 0 if complete else 1
 
 

@@ -129,11 +129,7 @@ class EventPublisher:
         self.dropped = 0
 
     def __call__(self, run_id: str, records: list[EventRecord]) -> None:
-        pending = self._pending.get(run_id)
-        if pending is None:
-            self._pending[run_id] = [record.data for record in records]
-        else:
-            pending.extend(record.data for record in records)
+        self._pending.setdefault(run_id, []).extend(record.data for record in records)
         if self._scheduled:
             return
         try:

@@ -62,6 +62,22 @@ def test_floor_runs_beside_aobd_and_reports_the_ratio() -> None:
     assert result["aobd_memory_to_floor"] > 0 and result["aobd_memory_fast_to_floor"] > 0
 
 
+def test_engine_bench_prints_each_layer_per_fidelity() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf.bench_engine", "--runs", "20", "--repeats", "1", "--concurrency", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert rows.keys() == {"full", "fast"}
+    for line in rows.values():
+        assert "machine" in line and "machine + encode" in line and "engine, memory store" in line
+
+
 def test_flat_cost_compares_a_small_and_a_filled_store() -> None:
     result = harness("perf.flat", "--fill", "400", "--batch", "40", "--repeats", "1", "--json")
     assert result["runs_stored_before_full_batches"] >= 400
