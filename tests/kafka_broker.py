@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -217,6 +218,29 @@ class KafkaBroker:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def acknowledged_unstored(self, topic: str) -> int:
+        """How many messages of ``topic`` this broker acknowledged to an idempotent producer but never stored.
+
+        Tansu's S3 engine produces in three writes: the producer's next sequence (``meta.json``), the partition's
+        watermark, then the batch. A broker stopped between the first and the last has counted a batch it never
+        wrote; the producer, retrying after the restart, is answered ``DUPLICATE_SEQUENCE_NUMBER`` and takes the
+        batch as delivered, as the protocol says it must. Such a loss is the broker's and is visible only here:
+        the sequences ``meta.json`` counts, less the records of the stored batches. 0 for a memory or external
+        broker, which this cannot inspect.
+        """
+        if self._s3 is None or self.storage == "memory":
+            return 0
+        recorded = stored = 0
+        for meta in (self._s3.root / BUCKET / "clusters").glob("*/meta.json"):
+            for producer in json.loads(meta.read_bytes()).get("producers", {}).values():
+                for by_topic in producer.get("sequences", {}).values():
+                    recorded += sum(by_topic.get(topic, {}).values())
+            for batch in meta.parent.glob(f"topics/{topic}/partitions/*/records/*.batch"):
+                # Kafka's record batch v2 header: producerId (int64) at byte 43, the record count (int32) at 57.
+                producer_id, count = struct.unpack_from(">q6xi", batch.read_bytes(), 43)
+                stored += count if producer_id >= 0 else 0
+        return recorded - stored
 
     def log_tail(self, chars: int = 4000) -> str:
         return self._log.read_text(errors="replace")[-chars:] if self._log and self._log.exists() else ""

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from itertools import groupby
@@ -251,7 +252,8 @@ def relayed_by_partition(d: Daemon) -> dict[str, int]:
 
 
 def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str]) -> None:
-    """Every committed event reached the events topic through the outbox, in seq order per run."""
+    """Every committed event reached the events topic through the outbox, in seq order per run (less what the
+    broker itself acknowledged and lost, counted in its storage)."""
     import asyncio
 
     import psycopg
@@ -268,7 +270,7 @@ def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str])
             consumer=cluster["broker"].consumer_settings,
         )
         seen: dict[str, list[int]] = {}
-        total = sum(expected.values())
+        total = sum(expected.values()) - lost_by_broker
         async with KafkaConsumer(config, [config.events_topic], f"{prefix}-check") as consumer:
             end = time.monotonic() + 60
             while sum(len(set(v)) for v in seen.values()) < total and time.monotonic() < end:
@@ -277,8 +279,19 @@ def check_events_topic(cluster: dict[str, Any], prefix: str, run_ids: list[str])
                         seen.setdefault(message.run_id, []).append(message.seq)
         return seen
 
+    # A broker stopped in the middle of a produce can lose a batch it then acknowledges (see
+    # KafkaBroker.acknowledged_unstored): such events were handed over and acknowledged, so the relay rightly
+    # marked them published. Everything else must be there; what the broker lost is counted, not guessed.
+    lost_by_broker = cluster["broker"].acknowledged_unstored(f"{prefix}.events")
     seen = asyncio.run(consume())
+    missing: dict[str, list[int]] = {}
     for run_id, last in expected.items():
         seqs = seen.get(run_id, [])
         deduped = [s for i, s in enumerate(seqs) if s not in seqs[:i]]  # at-least-once: drop redeliveries
-        assert deduped == list(range(1, last + 1)), (run_id, seqs[:10])
+        assert deduped == sorted(deduped), (run_id, "out of order", deduped)
+        gone = sorted(set(range(1, last + 1)) - set(deduped))
+        if gone:
+            missing[run_id] = gone
+    assert sum(map(len, missing.values())) <= lost_by_broker, (missing, lost_by_broker)
+    if missing:
+        warnings.warn(f"the broker acknowledged but never stored {lost_by_broker} events: {missing}", stacklevel=1)
