@@ -3,7 +3,9 @@ S3 (moto's server) and Redis; used by ``python -m perf.w6 --mode cluster --daemo
 
 Clients keep ``concurrency`` W6 runs in flight, spread round-robin over the daemons, each started with
 ``POST /v1/runs?wait=60``; a daemon that does not own a run answers once the run's status in the shared log is
-final, so latency includes that polling (50 ms steps). Hops come from the events of a sample of runs.
+final, so latency includes that polling (50 ms steps). Hops come from the events of a sample of runs. ``outbox``
+tells how the daemons' relays kept up: how long after the last run the outbox was drained, each daemon's count of
+relayed rows, and the lag from an event's commit to its publication on the events topic (p50/p99).
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ async def run_cluster(
             started = time.perf_counter()
             await asyncio.gather(*(client(k) for k in range(concurrency)))
             elapsed = time.perf_counter() - started
+            relay = await asyncio.to_thread(outbox_relay, env["dsn"], [r for r in run_ids if r])
+            relay["relayed_by_daemon"] = [
+                (await asyncio.to_thread(node.request, "GET", "/v1/admin/status")).body["planes"]["cluster"][
+                    "outbox_relayed"
+                ]
+                for node in nodes
+            ]
             hops: list[float] = []
             for run_id in [r for r in run_ids if r][:: max(1, len(run_ids) // 200)]:
                 async with http.get(f"{nodes[0].url}/v1/runs/{run_id}/events") as resp:
@@ -82,4 +91,34 @@ async def run_cluster(
         "hop_p50_ms": round(percentile(hops, 0.5), 3),
         "hop_p99_ms": round(percentile(hops, 0.99), 3),
         "peak_rss_mb": None,
+        "outbox": relay,
+    }
+
+
+def outbox_relay(dsn: str, run_ids: list[str], timeout: float = 60.0) -> dict[str, Any]:
+    """How the daemons' relays kept up: seconds after the last run until the outbox was drained, and how long the
+    runs' events waited between their commit (the event's ``ts``) and their publication, p50 and p99 in ms."""
+    import psycopg
+
+    started = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() - started < timeout:
+            left = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+            if left is not None and left[0] == 0:
+                break
+            time.sleep(0.05)
+        drained = round(time.monotonic() - started, 3)
+        row = conn.execute(
+            "SELECT count(*),"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM published_at) - ts),"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM published_at) - ts)"
+            " FROM outbox WHERE run_id = ANY(%s) AND published_at IS NOT NULL",
+            (run_ids,),
+        ).fetchone()
+    events, p50, p99 = row if row is not None else (0, None, None)
+    return {
+        "events": events,
+        "drained_after_s": drained,
+        "lag_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+        "lag_p99_ms": None if p99 is None else round(p99 * 1000, 1),
     }
