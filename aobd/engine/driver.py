@@ -243,6 +243,8 @@ class Engine:
         machine = await self._rebuild(run_id)
         if run_id in self._runs:
             return  # another resume of the same run (a nudge and a command at once) won while this one read
+        if machine.status != "running":
+            return  # it finished after the caller found it unfinished: nothing to carry on, nothing to hold
         machine.writer = self.writer_id
         source_dir = machine.created.source_dir
         if source_dir and source_dir not in sys.path:

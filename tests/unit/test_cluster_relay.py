@@ -6,14 +6,17 @@ across relays, leases, rows without a partition) are tested on Postgres in tests
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from aobd.bus.kafka import KafkaConfig, Partition
-from aobd.cluster.coordinator import ClusterCoordinator, Outbox
+from aobd.cluster.coordinator import RELAY_POLL_S, ClusterCoordinator, Outbox
 from aobd.engine.driver import Engine
 from aobd.store.memory import MemoryCas, MemoryEventLog
 from aobd.store.postgres import NO_PARTITION, OutboxEntry
 from aobd.store.protocols import EventRecord
+from perf.w6 import w6_document
 from tests.conftest import run_async
 
 CONFIG = KafkaConfig(partitions=3)
@@ -135,5 +138,38 @@ def test_a_daemon_without_partitions_claims_nothing_and_leaves_at_once() -> None
         await asyncio.sleep(0.05)
         await coordinator.close(flush_s=5.0)
         assert log.claims == [] and log.published == set()
+
+    run_async(main())
+
+
+class AppendingOutbox(MemoryOutbox):
+    """Every append also writes its outbox rows, as the Postgres log does in the same transaction."""
+
+    async def append(self, run_id: str, records: Sequence[EventRecord], **kwargs: Any) -> None:
+        await super().append(run_id, records, **kwargs)
+        for record in records:
+            self.add(run_id, record.seq, 0)
+
+
+def test_a_commit_wakes_an_idle_relay_before_its_poll() -> None:
+    async def main() -> None:
+        log = AppendingOutbox()
+        engine = Engine(log, MemoryCas())
+        coordinator = ClusterCoordinator(engine, CONFIG, "d1")
+        producer = GatedProducer()
+        producer.gate.set()
+        coordinator._producer = producer  # type: ignore[assignment]
+        coordinator._owned = {0}
+        engine.record_listeners.append(coordinator._wake_relay)  # as start() does
+        coordinator._relay_task = asyncio.create_task(coordinator._relay())
+        await log.until(lambda: log.claims)  # claimed nothing: now idle until a commit or the poll
+
+        started = time.monotonic()
+        await engine.run(w6_document(), {"x": 1})
+        await log.until(lambda: log.rows and {e.id for e in log.rows} == log.published)
+        assert time.monotonic() - started < RELAY_POLL_S / 2
+        assert [seq for _, seq in producer.sent] == [e.record.seq for e in log.rows]
+        await coordinator.close(flush_s=5.0)
+        await engine.close()
 
     run_async(main())
