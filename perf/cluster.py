@@ -29,7 +29,9 @@ async def run_cluster(
 
     env_extra = {**AWS_ENV, "AOBD_LOG_LEVEL": "warning"}
     with ExitStack() as stack:
-        env = stack.enter_context(shared_services(kafka=True))
+        # The broker keeps its log in memory: a benchmark never restarts it, and its S3 storage would be served by
+        # the test S3 server in this very process, three requests per produce, which the measurement then waits on.
+        env = stack.enter_context(shared_services(kafka=True, broker_storage="memory"))
         nodes = [
             Daemon(
                 base / f"d{i}",

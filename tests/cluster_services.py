@@ -18,7 +18,7 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 
 
 @contextmanager
-def shared_services(*, kafka: bool) -> Iterator[dict[str, Any]]:
+def shared_services(*, kafka: bool, broker_storage: str = "s3") -> Iterator[dict[str, Any]]:
     try:
         import boto3
         import psycopg
@@ -54,7 +54,7 @@ def shared_services(*, kafka: bool) -> Iterator[dict[str, Any]]:
         if kafka:
             from tests.kafka_broker import start_broker
 
-            broker = start_broker()
+            broker = start_broker(storage=broker_storage)
             stack.callback(broker.close)
             services["broker"] = broker
         yield services

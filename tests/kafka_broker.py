@@ -397,9 +397,10 @@ class _S3Handler(BaseHTTPRequestHandler):
         after = query.get("continuation-token", query.get("start-after", [""]))[0]
         max_keys = int(query.get("max-keys", ["1000"])[0])
         base = self.store.root / bucket
-        keys = (
-            sorted(str(path.relative_to(base)) for path in base.rglob("*") if path.is_file()) if base.is_dir() else []
-        )
+        # Walk only the prefix's directory: Tansu lists a partition's records at every fetch, and walking the whole
+        # bucket each time made a fetch cost as much as the topic's every batch.
+        top = base / prefix.rpartition("/")[0]
+        keys = sorted(str(path.relative_to(base)) for path in top.rglob("*") if path.is_file()) if top.is_dir() else []
         contents: list[str] = []
         prefixes: list[str] = []
         last = ""
