@@ -164,6 +164,35 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
         with Client(Target(socket_path=str(stranger.socket))) as ctl:
             by_socket = ctl.post(f"/v1/runs/{socket_id}/cancel", {"reason": "over the socket"})
         assert by_socket["status"] == "cancelled"
+
+        # A patch and an approval over the stranger's socket, both carried out by the owner.
+        while True:
+            patched_id = daemons[0].request("POST", "/v1/runs", {"definition": gated}).body["run_id"]
+            if partition_of(patched_id, 6) in owned[owner_index]:
+                break
+        audit = {"id": "audit", "type": "function", "config": {"handler": "builtin:noop"}}
+        ops = [
+            {"op": "add", "path": "/nodes/-", "value": audit},
+            {"op": "add", "path": "/edges/-", "value": {"from": "ship", "to": "audit"}},
+        ]
+        deadline = time.monotonic() + 15
+        while True:
+            events = stranger.request("GET", f"/v1/runs/{patched_id}/events").body
+            tickets = [e["ticket"] for e in events if e["type"] == "ApprovalRequested"]
+            if tickets or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        with Client(Target(socket_path=str(stranger.socket))) as ctl:
+            patch = ctl.post(f"/v1/runs/{patched_id}/patches", {"ops": ops, "reason": "audit trail"})
+            assert patch["status"] == "applied", patch
+            assert (
+                ctl.post(f"/v1/approvals/{tickets[0]}", {"decision": "approve", "reason": "ok"})["status"] == "approved"
+            )
+        deadline = time.monotonic() + 30
+        while (summary := stranger.request("GET", f"/v1/runs/{patched_id}").body)["status"] != "completed":
+            assert time.monotonic() < deadline, "the patched and approved run did not complete"
+            time.sleep(0.2)
+        assert summary["nodes"]["audit"]["status"] == "completed"  # the graph it ran on was the patched one
     finally:
         for d in daemons:
             d.stop()
