@@ -68,6 +68,7 @@ bench: build
 	$(PY) -m perf.bench_routing
 	$(PY) -m perf.bench_store
 	$(PY) -m perf.bench_engine
+	if command -v valgrind >/dev/null; then $(PY) -m perf.instructions; else echo "perf.instructions skipped: no valgrind"; fi
 	$(PY) -m perf.w6 --mode inprocess --runs 2000 --concurrency 200
 	$(PY) -m perf.longpoll --requests 300
 

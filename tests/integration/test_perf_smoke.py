@@ -62,6 +62,16 @@ def test_floor_runs_beside_aobd_and_reports_the_ratio() -> None:
     assert result["aobd_memory_to_floor"] > 0 and result["aobd_memory_fast_to_floor"] > 0
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing (apt-get install valgrind)")
+def test_instruction_count_counts_only_the_measured_runs() -> None:
+    few, more = (harness("perf.instructions", "--runs", str(n), "--concurrency", "4") for n in (10, 30))
+    assert few["runs"] == 10 and more["runs"] == 30
+    # The warm-up and the imports are not counted: the count grows with the runs, and 20 more runs cost about 20
+    # runs' worth (a run is the same work whichever run it is).
+    added = (more["instructions"] - few["instructions"]) / 20
+    assert few["instructions_per_run"] > 0 and 0.5 < added / few["instructions_per_run"] < 2
+
+
 def test_engine_bench_prints_each_layer_per_fidelity() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "perf.bench_engine", "--runs", "20", "--repeats", "1", "--concurrency", "4"],

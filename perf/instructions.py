@@ -1,0 +1,111 @@
+"""Instructions per W6 run on the engine, counted by callgrind: ``python -m perf.instructions``.
+
+Wall-clock figures on a shared VM move by 20-30% between identical runs (docs/performance.md), which hides any
+change of a few percent. An instruction count does not: the same tree gives the same count within about 0.3%
+(timestamps and random run ids vary a little). This runs ``--runs`` W6 runs of ``Engine.run`` on the in-memory
+log and CAS, ``--concurrency`` in flight, under ``valgrind --tool=callgrind``, counting only the measured runs
+(the warm-up and the imports are not instrumented) with ``PYTHONHASHSEED=0``, because string hashing changes
+dict probing, and prints one JSON line with ``instructions_per_run``. Compare two trees with
+``cd <tree> && PYTHONPATH=<tree> python -m perf.instructions``. It needs valgrind (Debian's ``valgrind``).
+
+An instruction is not a nanosecond (cache misses and branch mispredictions count for nothing here), so a
+change this shows should still be checked with the wall-clock benchmarks when the machine is quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+WARM_UP = 50
+
+
+async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
+    """The instrumented part: runs W6 after a warm-up, with callgrind's instrumentation on only for the runs."""
+    from aobd.engine.driver import Engine
+    from aobd.store.memory import MemoryCas, MemoryEventLog
+    from perf.w6 import w6_document
+
+    doc = w6_document()
+    engine = Engine(MemoryEventLog(), MemoryCas(), fidelity=fidelity)
+    for _ in range(WARM_UP):
+        await engine.run(doc, {"x": 1})
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            await engine.run(doc, {"x": 1})
+
+    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], check=True, capture_output=True)
+    await asyncio.gather(*(one() for _ in range(runs)))
+    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], check=True, capture_output=True)
+    await engine.close()
+
+
+def count(runs: int, concurrency: int, fidelity: str) -> int:
+    """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind)."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("perf.instructions needs valgrind: apt-get install valgrind")
+    with tempfile.TemporaryDirectory(prefix="aobd-callgrind-") as tmp:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={tmp}/callgrind.out",
+            sys.executable,
+            "-m",
+            "perf.instructions",
+            "--inner",
+            f"--runs={runs}",
+            f"--concurrency={concurrency}",
+            f"--fidelity={fidelity}",
+        ]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : ([\d,]+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"callgrind failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m perf.instructions", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the process under valgrind
+    args = parser.parse_args(argv)
+    from aobd.gctune import tune_gc
+
+    tune_gc()  # as aobd's own processes do
+    if args.inner:
+        import uvloop
+
+        uvloop.run(_measure(args.runs, args.concurrency, args.fidelity))
+        return
+    from aobd import _fast
+
+    total = count(args.runs, args.concurrency, args.fidelity)
+    print(
+        json.dumps(
+            {
+                "impl": _fast.__impl__,
+                "fidelity": args.fidelity,
+                "runs": args.runs,
+                "concurrency": args.concurrency,
+                "instructions": total,
+                "instructions_per_run": round(total / args.runs),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
