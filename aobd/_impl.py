@@ -41,6 +41,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "aobd.engine.driver",
     "aobd.engine.effects",
     "aobd.engine.machine",
+    "aobd.engine.runlock",
     "aobd.model.canonical",
     "aobd.model.events",
     "aobd.model.expr",

@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
 from .effects import Dispatch, Finished, Step, Wake
 from .machine import RunMachine, no_url_check
+from .runlock import RunLock
 
 _log = structlog.get_logger("aobd.engine")
 Listener = Callable[[list[ev.Event]], None]
@@ -67,7 +68,7 @@ def _join_inline(inputs: dict[str, Any], ctx: NodeContext) -> Any:
 @dataclass(slots=True)
 class _RunSlot:
     machine: RunMachine
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: RunLock = field(default_factory=RunLock)
     done: asyncio.Future[str] | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     #: The status this engine last wrote to the run index (None: not known, write it with the next append).
@@ -684,8 +685,9 @@ class Engine:
         elif exc is not None:
             _log.error("background work of a run failed", exc_info=exc)
 
-    def _spawn(self, slot: _RunSlot, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _spawn(self, slot: _RunSlot, coro: Coroutine[Any, Any, None]) -> None:
+        # The loop's create_task, not asyncio.ensure_future: that is three interpreted calls before it gets there.
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         task.add_done_callback(self._reap)
         slot.tasks.add(task)
         task.add_done_callback(slot.tasks.discard)
