@@ -27,6 +27,12 @@ import tempfile
 WARM_UP = 50
 
 
+def _instrument(state: str) -> None:
+    """Switch callgrind's instrumentation of this process on or off. It blocks the loop on purpose: nothing may
+    run between the switch and the measured runs."""
+    subprocess.run(["callgrind_control", f"--instr={state}", str(os.getpid())], check=True, capture_output=True)
+
+
 async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
     """The instrumented part: runs W6 after a warm-up, with callgrind's instrumentation on only for the runs."""
     from aobd.engine.driver import Engine
@@ -43,9 +49,9 @@ async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
         async with gate:
             await engine.run(doc, {"x": 1})
 
-    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], check=True, capture_output=True)
+    _instrument("on")
     await asyncio.gather(*(one() for _ in range(runs)))
-    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], check=True, capture_output=True)
+    _instrument("off")
     await engine.close()
 
 

@@ -84,6 +84,39 @@ class _RunSlot:
 class Engine:
     """Runs workflows on an event log and a CAS. One instance per process (or per orchestrator shard)."""
 
+    # Slots, not an instance dict: the engine's attributes are read on every step, and in the compiled build each
+    # read is a generic lookup (see RunMachine). Measured with perf.instructions (docs/performance.md).
+    __slots__ = (
+        "_closed",
+        "_dispatched",
+        "_durable_refs",
+        "_http_allow",
+        "_http_client",
+        "_inflight",
+        "_runs",
+        "_storing",
+        "_timers",
+        "_url_guard",
+        "agent_jobs",
+        "cas",
+        "clock",
+        "draining",
+        "executors",
+        "fidelity",
+        "handler_modules",
+        "inline_handlers",
+        "ir_cache",
+        "listeners",
+        "log",
+        "max_inflight",
+        "rand",
+        "record_listeners",
+        "webhooks",
+        "workflow_resolver",
+        "workspace_policy",
+        "writer_id",
+    )
+
     def __init__(
         self,
         log: EventLog,
