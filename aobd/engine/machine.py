@@ -44,14 +44,21 @@ _ROUTER_STATUS = {
     "skipped": SKIPPED,
 }
 _shared_ir_cache = IRCache()
+#: Routing results: the node indexes made ready, and those skipped.
+Routed = tuple[Sequence[int], Sequence[int]]
+#: What a folded event that routes nothing routed: one shared pair of empty tuples rather than two new lists and
+#: a tuple per event (1% of a W6 run's instructions); tuples, so that nothing can add to it.
+_NOTHING_ROUTED: Routed = ((), ())
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(slots=True)
-class NodeRun:
+class NodeRun(msgspec.Struct):
+    """A node's state in a run. A msgspec Struct: its fields are set in C when it is made (six times a W6 run),
+    where a dataclass's ``__init__``, generated or written out, sets them one attribute at a time."""
+
     status: str = "pending"  # pending|running|retrying|waiting|completed|failed|skipped
     attempts: int = 0
     output: Any = None
@@ -66,28 +73,9 @@ class NodeRun:
     decision: dict[str, Any] | None = None
     requested_at: float | None = None
     #: Escalation steps already taken (indexes into config.escalation).
-    escalated: set[int] = field(default_factory=set)
+    escalated: set[int] = msgspec.field(default_factory=set)
     reused_from: str | None = None
     usage: dict[str, Any] | None = None
-
-    def __init__(self) -> None:
-        # Written out, not generated: the dataclass's generated __init__ is interpreted code even in the compiled
-        # build, six calls a W6 run (docs/performance.md). Every node starts pending with nothing recorded.
-        self.status = "pending"
-        self.attempts = 0
-        self.output = None
-        self.output_ref = None
-        self.inputs_ref = None
-        self.error = None
-        self.started_at = None
-        self.finished_at = None
-        self.wake_at = None
-        self.ticket = None
-        self.decision = None
-        self.requested_at = None
-        self.escalated = set()
-        self.reused_from = None
-        self.usage = None
 
 
 @dataclass(slots=True)
@@ -196,8 +184,8 @@ class RunMachine:
         self.updated_at = created.ts
         self.events_seen = 0
         #: Routing results of the last folded event, consumed by the command that emitted it.
-        self._routed: tuple[list[int], list[int]] = ([], [])
-        self._last_patch_routing: tuple[list[int], list[int]] = ([], [])
+        self._routed: Routed = _NOTHING_ROUTED
+        self._last_patch_routing: Routed = _NOTHING_ROUTED
         #: Recorded on every event this machine emits (a cluster's daemon id); not part of the fold.
         self.writer: str | None = None
         #: Values of non-inline outputs, by ref: supplied when rebuilding from the log, added as they are made.
@@ -305,7 +293,7 @@ class RunMachine:
             raise AobdError(f"run {self.run_id}: event seq {event.seq} does not follow {self.seq}")
         self.seq = event.seq
         self.updated_at = event.ts
-        self._routed = ([], [])
+        self._routed = _NOTHING_ROUTED
         handler = _FOLD.get(type(event))
         if handler is not None:
             handler(self, event)
@@ -447,7 +435,7 @@ class RunMachine:
 
     # ------------------------------------------------------------------ routing helpers (used by the fold)
 
-    def _route_done(self, node_id: str) -> tuple[list[int], list[int]]:
+    def _route_done(self, node_id: str) -> Routed:
         idx = self.ir.index[node_id]
         if self.router.status(idx) == DONE:
             return [], []
@@ -501,7 +489,7 @@ class RunMachine:
     def _type_of(self, node_id: str) -> str:
         return self.ir.nodes[self.ir.index[node_id]].type
 
-    def _emit(self, step: Step, event: ev.Event) -> tuple[list[int], list[int]]:
+    def _emit(self, step: Step, event: ev.Event) -> Routed:
         self.apply(event)
         step.events.append(event)
         return self._routed
@@ -523,7 +511,7 @@ class RunMachine:
                     ev.NodeSkipped(run_id=self.run_id, seq=self.seq + 1, writer=self.writer, ts=now, node_id=node_id),
                 )
 
-    def _after_routing(self, step: Step, routed: tuple[list[int], list[int]], now: float) -> None:
+    def _after_routing(self, step: Step, routed: Routed, now: float) -> None:
         ready, skipped = routed
         self._emit_skips(step, skipped, now)
         self._schedule(step, ready, now)
@@ -733,8 +721,8 @@ class RunMachine:
                 duration_ms,
             )
             return step
-        pre_ready: list[int] = []
-        pre_skipped: list[int] = []
+        pre_ready: Sequence[int] = ()
+        pre_skipped: Sequence[int] = ()
         if patch is not None:
             # Decided before this completion is routed, so edges the patch adds from this node are followed.
             self._propose(step, patch, now, node_id=node_id, url_check=url_check)
@@ -750,7 +738,7 @@ class RunMachine:
             usage=usage,
             exchange_ref=exchange_ref,
         )
-        self._after_routing(step, (pre_ready + routed[0], pre_skipped + routed[1]), now)
+        self._after_routing(step, ([*pre_ready, *routed[0]], [*pre_skipped, *routed[1]]), now)
         return step
 
     def node_failed(
@@ -790,7 +778,7 @@ class RunMachine:
         duration_ms: float,
         *,
         retry_at: float | None = None,
-    ) -> tuple[list[int], list[int]]:
+    ) -> Routed:
         """NodeFailed: with ``retry_at`` another attempt follows, without it the node has failed for good."""
         return self._emit(
             step,
@@ -919,7 +907,7 @@ class RunMachine:
         reused_from: str | None = None,
         usage: dict[str, Any] | None = None,
         exchange_ref: str | None = None,
-    ) -> tuple[list[int], list[int]]:
+    ) -> Routed:
         """NodeCompleted, with the output inline when small. A new output's blob joins the step (``ref`` names a
         recorded one instead). A large output's value is handed to the fold through ``_blobs``, so the routing
         decided by this very event sees it."""
@@ -1045,9 +1033,7 @@ class RunMachine:
         self._last_patch_routing = self._record_judgement(step, patch_id, judgement, now, by=None)
         return patch_id
 
-    def _record_judgement(
-        self, step: Step, patch_id: str, judgement: Judgement, now: float, by: str | None
-    ) -> tuple[list[int], list[int]]:
+    def _record_judgement(self, step: Step, patch_id: str, judgement: Judgement, now: float, by: str | None) -> Routed:
         if not judgement.accepted:
             reasons = [msgspec.to_builtins(r) for r in judgement.reasons]
             self._emit(
