@@ -87,6 +87,7 @@ class Engine:
     # Slots, not an instance dict: the engine's attributes are read on every step, and in the compiled build each
     # read is a generic lookup (see RunMachine). Measured with perf.instructions (docs/performance.md).
     __slots__ = (
+        "_agent_jobs",
         "_closed",
         "_dispatched",
         "_durable_refs",
@@ -94,10 +95,10 @@ class Engine:
         "_http_client",
         "_inflight",
         "_runs",
+        "_services_base",
         "_storing",
         "_timers",
         "_url_guard",
-        "agent_jobs",
         "cas",
         "clock",
         "draining",
@@ -140,8 +141,10 @@ class Engine:
         self.fidelity = fidelity
         self.executors = executors if executors is not None else default_executors()
         self.workflow_resolver = workflow_resolver
-        #: The agent.jobs queue external runners claim from (the daemon sets it; None: no external runners).
-        self.agent_jobs: Any = None
+        #: The agent.jobs queue (see the agent_jobs property).
+        self._agent_jobs: Any = None
+        #: What every attempt's ``ctx.services`` starts from (see _services); None: to be built.
+        self._services_base: dict[str, Any] | None = None
         #: Handler modules function nodes may call (None: any, as for `aobd run` of one's own file).
         self.handler_modules = handler_modules
         #: Named webhook URLs that approval escalations notify (config ``approvals.webhooks``).
@@ -872,17 +875,34 @@ class Engine:
             job.node_id, job.attempt, error, retryable, self.clock(), rand=self.rand(), duration_ms=duration_ms
         )
 
+    @property
+    def agent_jobs(self) -> Any:
+        """The agent.jobs queue external runners claim from (the daemon sets it; None: no external runners)."""
+        return self._agent_jobs
+
+    @agent_jobs.setter
+    def agent_jobs(self, queue: Any) -> None:
+        self._agent_jobs = queue
+        self._services_base = None  # the attempts' services name it
+
     def _services(self, machine: RunMachine, node_type: str) -> dict[str, Any]:
-        services = {
-            "version": machine.version,
-            "http_allow": self._http_allow,
-            "handler_modules": self.handler_modules,
-            "agent_jobs": self.agent_jobs,
-            "execute": self._run_node,
-            "run_child": self._run_child,
-            # A reference, not a copy: agents read the graph, the runner plane publishes it by version.
-            "document": machine.doc,
-        }
+        """Each attempt's own ``ctx.services``: a copy of one prebuilt dict with the run's values put in. Copying a
+        dict of the final size is one allocation; building it key by key grew it through a resize, every attempt."""
+        base = self._services_base
+        if base is None:
+            base = self._services_base = {
+                "version": None,
+                "http_allow": self._http_allow,
+                "handler_modules": self.handler_modules,
+                "agent_jobs": self._agent_jobs,
+                "execute": self._run_node,
+                "run_child": self._run_child,
+                "document": None,
+            }
+        services = base.copy()
+        services["version"] = machine.version
+        # A reference, not a copy: agents read the graph, the runner plane publishes it by version.
+        services["document"] = machine.doc
         if node_type in ("agent", "map"):
             # Only agents read the node statuses: building them per attempt of every node would cost O(nodes).
             services["node_status"] = {nid: n.status for nid, n in machine.nodes.items()}
