@@ -529,3 +529,31 @@ def test_the_run_index_follows_the_status_though_only_changes_are_written(tmp_pa
 
     *seen, run_id = run_async(scenario())
     assert seen == ["waiting", run_id, "completed", ""]
+
+
+def test_each_attempt_gets_its_own_services_naming_the_engines_current_agent_queue() -> None:
+    from aobd.nodes.registry import default_executors
+
+    seen: list[dict[str, Any]] = []
+    first, second = object(), object()
+
+    async def record(node: Any, inputs: Any, ctx: Any) -> Any:
+        seen.append(dict(ctx.services))
+        ctx.services["scribbled"] = True  # an executor's own copy: no other attempt sees this
+        return {"ok": True}
+
+    async def main() -> None:
+        executors = default_executors()
+        executors["function"] = record
+        eng = engine(executors=executors)
+        doc = workflow([fn("a"), fn("b")], [edge("a", "b")])
+        eng.agent_jobs = first
+        await eng.run(doc)
+        eng.agent_jobs = second  # the daemon sets it once; a later change must still reach the next attempts
+        await eng.run(doc)
+        await eng.close()
+
+    run_async(main())
+    assert [s["agent_jobs"] for s in seen] == [first, first, second, second]
+    assert not any("scribbled" in s for s in seen)
+    assert all(s["document"]["nodes"][0]["id"] == "a" and s["version"].startswith("sha256:") for s in seen)
