@@ -22,10 +22,10 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import structlog
 
@@ -65,19 +65,20 @@ def _join_inline(inputs: dict[str, Any], ctx: NodeContext) -> Any:
     return inputs
 
 
-@dataclass(slots=True)
-class _RunSlot:
+class _RunSlot(msgspec.Struct):
+    """What the engine holds of a run it drives. A msgspec Struct: a dataclass's __init__ is interpreted code."""
+
     machine: RunMachine
-    lock: RunLock = field(default_factory=RunLock)
+    lock: RunLock = msgspec.field(default_factory=RunLock)
     done: asyncio.Future[str] | None = None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = msgspec.field(default_factory=set)
     #: The status this engine last wrote to the run index (None: not known, write it with the next append).
     indexed_status: str | None = None
     #: Attempts sent through an executor's ``dispatch`` (no task each): job id -> (deadline timer, executor).
-    dispatched: dict[str, tuple[asyncio.TimerHandle, Any]] = field(default_factory=dict)
+    dispatched: dict[str, tuple[asyncio.TimerHandle, Any]] = msgspec.field(default_factory=dict)
     #: Their results waiting for the run's next completion step (:meth:`Engine._complete`), and whether a task
     #: to record them is scheduled already.
-    completions: list[_Completion] = field(default_factory=list)
+    completions: list[_Completion] = msgspec.field(default_factory=list)
     completing: bool = False
 
 
