@@ -57,6 +57,18 @@ def wait_for_split(daemons: list[Daemon]) -> list[list[int]]:
         time.sleep(0.2)
 
 
+def approval_ticket(d: Daemon, run_id: str, timeout: float = 15) -> str:
+    """The ticket of the run's approval request, once ``d`` can read it from the shared log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = d.request("GET", f"/v1/runs/{run_id}/events").body
+        tickets = [e["ticket"] for e in events if e["type"] == "ApprovalRequested"]
+        if tickets:
+            return str(tickets[0])
+        assert time.monotonic() < deadline, f"run {run_id} requested no approval within {timeout}s"
+        time.sleep(0.2)
+
+
 def test_attempts_run_on_both_daemons_and_are_recorded_once(cluster: dict[str, Any]) -> None:
     import psycopg
 
@@ -138,14 +150,8 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
             gated_id = daemons[0].request("POST", "/v1/runs", {"definition": gated}).body["run_id"]
             if partition_of(gated_id, 6) in owned[owner_index]:
                 break
-        deadline = time.monotonic() + 15
-        while True:
-            events = stranger.request("GET", f"/v1/runs/{gated_id}/events").body
-            tickets = [e["ticket"] for e in events if e["type"] == "ApprovalRequested"]
-            if tickets or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        decided = stranger.request("POST", f"/v1/approvals/{tickets[0]}", {"decision": "approve", "reason": "ok"})
+        ticket = approval_ticket(stranger, gated_id)
+        decided = stranger.request("POST", f"/v1/approvals/{ticket}", {"decision": "approve", "reason": "ok"})
         assert decided.status == 200, decided.body
         assert decided.body["status"] == "approved"
         deadline = time.monotonic() + 30
@@ -175,19 +181,11 @@ def test_a_command_sent_to_the_wrong_daemon_is_forwarded_to_the_runs_owner(clust
             {"op": "add", "path": "/nodes/-", "value": audit},
             {"op": "add", "path": "/edges/-", "value": {"from": "ship", "to": "audit"}},
         ]
-        deadline = time.monotonic() + 15
-        while True:
-            events = stranger.request("GET", f"/v1/runs/{patched_id}/events").body
-            tickets = [e["ticket"] for e in events if e["type"] == "ApprovalRequested"]
-            if tickets or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        ticket = approval_ticket(stranger, patched_id)
         with Client(Target(socket_path=str(stranger.socket))) as ctl:
             patch = ctl.post(f"/v1/runs/{patched_id}/patches", {"ops": ops, "reason": "audit trail"})
             assert patch["status"] == "applied", patch
-            assert (
-                ctl.post(f"/v1/approvals/{tickets[0]}", {"decision": "approve", "reason": "ok"})["status"] == "approved"
-            )
+            assert ctl.post(f"/v1/approvals/{ticket}", {"decision": "approve", "reason": "ok"})["status"] == "approved"
         deadline = time.monotonic() + 30
         while (summary := stranger.request("GET", f"/v1/runs/{patched_id}").body)["status"] != "completed":
             assert time.monotonic() < deadline, "the patched and approved run did not complete"
