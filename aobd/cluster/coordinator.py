@@ -72,8 +72,8 @@ SWEEP_S: Final = 30.0
 #: those another daemon wrote for a partition now ours, and claims whose lease lapsed.
 RELAY_POLL_S: Final = 1.0
 #: Least time from one claim's start to the next one's after an empty claim, so that the commits of a busy moment
-#: share a claim: a claim, a publish and a mark are three round trips and some CPU. Measured on two daemons at 64
-#: runs in flight, claiming 5 ms after each wake cost 9% of the throughput (docs/performance.md).
+#: share a claim: a claim, a publish and a mark are three round trips and some CPU. It bounds the claims a
+#: woken relay makes at 20 a second (claiming 5 ms after each wake allowed 200; docs/performance.md has the pairs).
 RELAY_MIN_GAP_S: Final = 0.05
 
 
