@@ -55,8 +55,9 @@ async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
     await engine.close()
 
 
-def count(runs: int, concurrency: int, fidelity: str) -> int:
-    """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind)."""
+def count(runs: int, concurrency: int, fidelity: str) -> tuple[int, str]:
+    """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind), and which form of
+    the engine's modules ran ("compiled", "source" or "mixed")."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("perf.instructions needs valgrind: apt-get install valgrind")
     with tempfile.TemporaryDirectory(prefix="aobd-callgrind-") as tmp:
@@ -78,7 +79,7 @@ def count(runs: int, concurrency: int, fidelity: str) -> int:
     found = re.search(r"Collected : ([\d,]+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"callgrind failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return int(found.group(1).replace(",", ""))
+    return int(found.group(1).replace(",", "")), done.stdout.strip().splitlines()[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,17 +93,25 @@ def main(argv: list[str] | None = None) -> None:
 
     tune_gc()  # as aobd's own processes do
     if args.inner:
+        import importlib
+
         import uvloop
 
+        from aobd import _impl
+
         uvloop.run(_measure(args.runs, args.concurrency, args.fidelity))
+        # Which form of the engine's modules ran: a stale build silently runs the source under AOBD_IMPL=auto.
+        forms = {_impl.loaded_compiled(importlib.import_module(name)) for name in _impl.COMPILED_MODULES}
+        print("compiled" if forms == {True} else "source" if forms == {False} else "mixed")
         return
     from aobd import _fast
 
-    total = count(args.runs, args.concurrency, args.fidelity)
+    total, engine = count(args.runs, args.concurrency, args.fidelity)
     print(
         json.dumps(
             {
                 "impl": _fast.__impl__,
+                "engine": engine,
                 "fidelity": args.fidelity,
                 "runs": args.runs,
                 "concurrency": args.concurrency,

@@ -66,6 +66,7 @@ def test_floor_runs_beside_aobd_and_reports_the_ratio() -> None:
 def test_instruction_count_counts_only_the_measured_runs() -> None:
     few, more = (harness("perf.instructions", "--runs", str(n), "--concurrency", "4") for n in (10, 30))
     assert few["runs"] == 10 and more["runs"] == 30
+    assert few["engine"] in ("compiled", "source")  # says which form ran: a stale build runs the source
     # The warm-up and the imports are not counted: the count grows with the runs, and 20 more runs cost about 20
     # runs' worth (a run is the same work whichever run it is).
     added = (more["instructions"] - few["instructions"]) / 20
