@@ -157,7 +157,10 @@ class RunMachine:
         "writer",
     )
 
-    def __init__(self, created: ev.RunCreated, base_doc: dict[str, Any], *, ir_cache: IRCache | None = None) -> None:
+    def __init__(
+        self, created: ev.RunCreated, base_doc: dict[str, Any], *, ir_cache: IRCache | None = None, ir: IR | None = None
+    ) -> None:
+        """``ir``: the base version's IR when the caller has it already (else it comes from ``ir_cache``)."""
         self.run_id = created.run_id
         self.workflow_name = created.workflow
         self.workspace = created.workspace
@@ -169,7 +172,7 @@ class RunMachine:
         self.version = created.base_version
         self.inputs = created.inputs
         self.ir_cache = ir_cache or _shared_ir_cache
-        self.ir = self._compile(self.doc, self.version)
+        self.ir = ir if ir is not None else self._compile(self.doc, self.version)
         self.router = _fast.Router(self.ir.out_offsets, self.ir.out_targets, self.ir.indegree)
         self.nodes: dict[str, NodeRun] = {nid: NodeRun() for nid in self.ir.node_ids}
         self.context: dict[str, Any] = {"inputs": self.inputs, "nodes": {}}
@@ -226,14 +229,14 @@ class RunMachine:
         base_ref = sha256_ref(base_bytes)
         cache = ir_cache or _shared_ir_cache
         # A version already compiled was validated then: the cache hit saves re-validating every run's base.
-        cache.get(base_ref, lambda: load_workflow(document))
+        ir = cache.get(base_ref, lambda: load_workflow(document))
         inputs_bytes = canonical_json(inputs)
         inputs_ref = sha256_ref(inputs_bytes)
         created = ev.RunCreated(
             run_id=run_id,
             seq=1,
             ts=now,
-            workflow=cache.get(base_ref, lambda: load_workflow(document)).workflow.name,
+            workflow=ir.workflow.name,
             base_version=base_ref,
             base_ref=base_ref,
             inputs_ref=inputs_ref,
@@ -248,7 +251,7 @@ class RunMachine:
             writer=writer,
             priority=priority,
         )
-        machine = cls(created, document, ir_cache=cache)
+        machine = cls(created, document, ir_cache=cache, ir=ir)
         machine.writer = writer
         machine.seq = 1
         machine._blobs = dict(known_outputs or {})
