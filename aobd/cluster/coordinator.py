@@ -164,8 +164,7 @@ class ClusterCoordinator:
             self.config, [self.topic], self.config.group_id, on_assign=self._assigned, on_revoke=self._revoked
         )
         self._task = asyncio.create_task(self._consume())
-        self.engine.record_listeners.append(self._wake_relay)
-        self._relay_task = asyncio.create_task(self._relay())
+        self.start_relay()
         self._sweep_task = asyncio.create_task(self._sweep())
         if self.runner is not None:
             await self.runner.start(self._producer)
@@ -325,6 +324,11 @@ class ClusterCoordinator:
             except Exception:
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(0.5)
+
+    def start_relay(self) -> None:
+        """Start the outbox relay, woken by every commit of this daemon's engine (``start`` calls it)."""
+        self.engine.record_listeners.append(self._wake_relay)
+        self._relay_task = asyncio.create_task(self._relay())
 
     def _wake_relay(self, run_id: str, records: list[Any]) -> None:
         """A record listener of the engine: this daemon committed events, so its outbox has rows."""

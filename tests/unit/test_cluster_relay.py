@@ -102,7 +102,7 @@ def test_a_daemon_relays_its_partitions_and_stops_claiming_a_revoked_one_at_once
         a1, b1 = log.add("a", 1, 0), log.add("b", 1, 1)
         log.add("c", 1, 2)  # another daemon's
         legacy = log.add("old", 1, NO_PARTITION)  # written before the partition count was known: 0's
-        coordinator._relay_task = asyncio.create_task(coordinator._relay())
+        coordinator.start_relay()
         await log.until(lambda: log.claims)
         assert log.claims == [{0, 1}] and log.claimed == {a1, b1, legacy}
 
@@ -134,7 +134,7 @@ def test_a_daemon_without_partitions_claims_nothing_and_leaves_at_once() -> None
         log.add("a", 1, 0)
         coordinator = ClusterCoordinator(Engine(log, MemoryCas()), CONFIG, "d1")
         coordinator._producer = GatedProducer()  # type: ignore[assignment]
-        coordinator._relay_task = asyncio.create_task(coordinator._relay())
+        coordinator.start_relay()
         await asyncio.sleep(0.05)
         await coordinator.close(flush_s=5.0)
         assert log.claims == [] and log.published == set()
@@ -160,8 +160,7 @@ def test_a_commit_wakes_an_idle_relay_before_its_poll() -> None:
         producer.gate.set()
         coordinator._producer = producer  # type: ignore[assignment]
         coordinator._owned = {0}
-        engine.record_listeners.append(coordinator._wake_relay)  # as start() does
-        coordinator._relay_task = asyncio.create_task(coordinator._relay())
+        coordinator.start_relay()
         await log.until(lambda: log.claims)  # claimed nothing: now idle until a commit or the poll
 
         started = time.monotonic()

@@ -13,13 +13,19 @@ from tests.conftest import run_async
 CONFIG = KafkaConfig(partitions=2)
 
 
+def creator_and_owner() -> tuple[Engine, Engine, ClusterCoordinator]:
+    """Two daemons' engines on one log: one takes start requests, the other (with its coordinator) owns runs."""
+    log, cas = MemoryEventLog(), MemoryCas()
+    creator, owner = Engine(log, cas), Engine(log, cas)
+    coordinator = ClusterCoordinator(owner, CONFIG, "owner")
+    coordinator.partitions = 2
+    return creator, owner, coordinator
+
+
 def test_the_owner_carries_on_a_run_whose_nudge_never_came() -> None:
     async def main() -> None:
-        log, cas = MemoryEventLog(), MemoryCas()
-        creator = Engine(log, cas)  # the daemon that took the start request, not the run's owner
-        owner = Engine(log, cas)
-        coordinator = ClusterCoordinator(owner, CONFIG, "owner")
-        coordinator.partitions, coordinator._owned = 2, {0, 1}
+        creator, owner, coordinator = creator_and_owner()
+        coordinator._owned = {0, 1}
 
         stray = await creator.start_run(w6_document(), {"x": 1}, drive=False)  # recorded; its nudge is lost
         assert (await owner.load(stray)).status == "running" and not owner.drives(stray)
@@ -38,10 +44,7 @@ def test_the_owner_carries_on_a_run_whose_nudge_never_came() -> None:
 
 def test_the_sweep_leaves_other_daemons_partitions_alone() -> None:
     async def main() -> None:
-        log, cas = MemoryEventLog(), MemoryCas()
-        creator, owner = Engine(log, cas), Engine(log, cas)
-        coordinator = ClusterCoordinator(owner, CONFIG, "owner")
-        coordinator.partitions = 2
+        creator, owner, coordinator = creator_and_owner()
         runs: list[str] = []
         while len({partition_of(r, 2) for r in runs}) < 2 or len(runs) < 4:  # runs in both partitions
             runs.append(await creator.start_run(w6_document(), {"x": 1}, drive=False))
