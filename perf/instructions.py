@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
 
 WARM_UP = 50
 
@@ -33,14 +35,23 @@ def _instrument(state: str) -> None:
     subprocess.run(["callgrind_control", f"--instr={state}", str(os.getpid())], check=True, capture_output=True)
 
 
-async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
+async def _measure(runs: int, concurrency: int, fidelity: str, store: str) -> None:
     """The instrumented part: runs W6 after a warm-up, with callgrind's instrumentation on only for the runs."""
     from aobd.engine.driver import Engine
     from aobd.store.memory import MemoryCas, MemoryEventLog
     from perf.w6 import w6_document
 
     doc = w6_document()
-    engine = Engine(MemoryEventLog(), MemoryCas(), fidelity=fidelity)
+    stores: list[Any] = []
+    if store == "sqlite":
+        from aobd.store.local_cas import LocalCas
+        from aobd.store.sqlite_log import SqliteEventLog
+
+        data_dir = Path(tempfile.mkdtemp(prefix="aobd-instructions-"))
+        stores = [SqliteEventLog(data_dir / "events.db"), LocalCas(data_dir / "cas")]
+    else:
+        stores = [MemoryEventLog(), MemoryCas()]
+    engine = Engine(stores[0], stores[1], fidelity=fidelity)
     for _ in range(WARM_UP):
         await engine.run(doc, {"x": 1})
     gate = asyncio.Semaphore(concurrency)
@@ -53,11 +64,37 @@ async def _measure(runs: int, concurrency: int, fidelity: str) -> None:
     await asyncio.gather(*(one() for _ in range(runs)))
     _instrument("off")
     await engine.close()
+    for opened in reversed(stores):
+        await opened.close()
+    if store == "sqlite":
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def count(runs: int, concurrency: int, fidelity: str) -> tuple[int, str]:
-    """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind), and which form of
-    the engine's modules ran ("compiled", "source" or "mixed")."""
+class Counted(NamedTuple):
+    total: int
+    """Instructions of every thread."""
+    loop: int
+    """Instructions of the main thread, the one running the event loop (the SQLite log's writer has its own)."""
+    engine: str
+    """Which form of the engine's modules ran: "compiled", "source" or "mixed"."""
+
+
+def _thread_totals(directory: str) -> dict[int, int]:
+    """Instructions per thread (1 is the main thread) from callgrind's ``--separate-threads`` output files."""
+    totals = {}
+    for name in os.listdir(directory):
+        numbered = re.fullmatch(r"callgrind\.out-(\d+)", name)
+        if numbered is None:
+            continue
+        text = Path(directory, name).read_text()
+        found = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+        totals[int(numbered.group(1))] = int(found.group(1)) if found else 0
+    return totals
+
+
+def count(runs: int, concurrency: int, fidelity: str, store: str = "memory") -> Counted:
+    """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind), in all and on the
+    event loop's thread, and which form of the engine's modules ran."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("perf.instructions needs valgrind: apt-get install valgrind")
     with tempfile.TemporaryDirectory(prefix="aobd-callgrind-") as tmp:
@@ -65,6 +102,7 @@ def count(runs: int, concurrency: int, fidelity: str) -> tuple[int, str]:
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            "--separate-threads=yes",
             f"--callgrind-out-file={tmp}/callgrind.out",
             sys.executable,
             "-m",
@@ -73,13 +111,15 @@ def count(runs: int, concurrency: int, fidelity: str) -> tuple[int, str]:
             f"--runs={runs}",
             f"--concurrency={concurrency}",
             f"--fidelity={fidelity}",
+            f"--store={store}",
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        threads = _thread_totals(tmp)
     found = re.search(r"Collected : ([\d,]+)", done.stderr)
-    if done.returncode != 0 or found is None:
+    if done.returncode != 0 or found is None or 1 not in threads:
         raise SystemExit(f"callgrind failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return int(found.group(1).replace(",", "")), done.stdout.strip().splitlines()[-1]
+    return Counted(int(found.group(1).replace(",", "")), threads[1], done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--fidelity", choices=["full", "fast"], default="full")
+    parser.add_argument(
+        "--store",
+        choices=["memory", "sqlite"],
+        default="memory",
+        help="the engine's stores: in memory (the default: the engine alone), or the embedded SQLite log and CAS"
+        " directory (the loop's share of the durable path; the writer thread's instructions depend on how the"
+        " threads interleave under valgrind, so compare loop_instructions_per_run)",
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the process under valgrind
     args = parser.parse_args(argv)
     from aobd.gctune import tune_gc
@@ -99,24 +147,26 @@ def main(argv: list[str] | None = None) -> None:
 
         from aobd import _impl
 
-        uvloop.run(_measure(args.runs, args.concurrency, args.fidelity))
+        uvloop.run(_measure(args.runs, args.concurrency, args.fidelity, args.store))
         # Which form of the engine's modules ran: a stale build silently runs the source under AOBD_IMPL=auto.
         forms = {_impl.loaded_compiled(importlib.import_module(name)) for name in _impl.COMPILED_MODULES}
         print("compiled" if forms == {True} else "source" if forms == {False} else "mixed")
         return
     from aobd import _fast
 
-    total, engine = count(args.runs, args.concurrency, args.fidelity)
+    counted = count(args.runs, args.concurrency, args.fidelity, args.store)
     print(
         json.dumps(
             {
                 "impl": _fast.__impl__,
-                "engine": engine,
+                "engine": counted.engine,
                 "fidelity": args.fidelity,
+                "store": args.store,
                 "runs": args.runs,
                 "concurrency": args.concurrency,
-                "instructions": total,
-                "instructions_per_run": round(total / args.runs),
+                "instructions": counted.total,
+                "instructions_per_run": round(counted.total / args.runs),
+                "loop_instructions_per_run": round(counted.loop / args.runs),
             }
         )
     )

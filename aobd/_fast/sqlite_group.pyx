@@ -65,7 +65,7 @@ cdef extern from "sqlite3.h" nogil:
     int SQLITE_ROW
     int SQLITE_DONE
     int SQLITE_OPEN_READWRITE
-    int SQLITE_OPEN_FULLMUTEX
+    int SQLITE_OPEN_NOMUTEX
     int sqlite3_open_v2(const char* filename, Db** db, int flags, const char* vfs)
     int sqlite3_close_v2(Db* db)
     int sqlite3_busy_timeout(Db* db, int ms)
@@ -554,8 +554,11 @@ cdef class GroupWriter:
         cdef const char* filename = encoded
         cdef int rc
         self.pump.wakeup = -1
+        # NOMUTEX: the connection is only ever used by one thread at a time (the class's contract: the caller of
+        # commit(), or the writer thread once started), so SQLite's per-connection mutex guarded nothing; taking
+        # and releasing it around every call was 4% of the writer's instructions.
         with nogil:
-            rc = sqlite3_open_v2(filename, &self.conn.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, NULL)
+            rc = sqlite3_open_v2(filename, &self.conn.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
         if rc != SQLITE_OK:
             message = sqlite3_errmsg(self.conn.db).decode() if self.conn.db != NULL else f"error code {rc}"
             self._release()

@@ -71,6 +71,15 @@ def test_instruction_count_counts_only_the_measured_runs() -> None:
     # runs' worth (a run is the same work whichever run it is).
     added = (more["instructions"] - few["instructions"]) / 20
     assert few["instructions_per_run"] > 0 and 0.5 < added / few["instructions_per_run"] < 2
+    assert few["loop_instructions_per_run"] == few["instructions_per_run"]  # the memory store has one thread
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing (apt-get install valgrind)")
+def test_instruction_count_on_sqlite_splits_the_loop_from_the_writer() -> None:
+    result = harness("perf.instructions", "--runs", "10", "--concurrency", "4", "--store", "sqlite")
+    assert result["store"] == "sqlite"
+    # The writer thread commits the runs' events: its instructions are counted in the total, not the loop's.
+    assert 0 < result["loop_instructions_per_run"] < result["instructions_per_run"]
 
 
 def test_engine_bench_prints_each_layer_per_fidelity() -> None:

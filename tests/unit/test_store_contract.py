@@ -545,6 +545,57 @@ def test_sqlite_two_logs_on_one_file_race_safely(tmp_path: Path) -> None:
     run(lambda: SqliteEventLog(path), body)
 
 
+def test_sqlite_upgrades_a_version_1_file(tmp_path: Path) -> None:
+    """A file written by the first schema opens, keeps its runs and events, and gets the partial index of
+    unfinished runs spelled as comparisons (migration 2), which the listing of unfinished runs still uses."""
+    from aobd.store.sqlite_log import _MIGRATIONS, _UNFINISHED
+
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in _MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    for run_id, status in (("done", "completed"), ("waiting", "running")):
+        conn.execute(
+            "INSERT INTO runs VALUES (?, 'wf', ?, 1.0, 1.0, 1, NULL, 'default')",
+            (run_id, status),
+        )
+        conn.execute("INSERT INTO events (run_id, seq, type, ts, data) VALUES (?, 1, 'T', 1.0, x'00')", (run_id,))
+    conn.close()
+
+    async def body(log: SqliteEventLog) -> None:
+        assert await log.unfinished_runs() == ["waiting"]
+        assert [r.seq for r in await log.read("done")] == [1]
+        await log.append("waiting", recs("waiting", 2, 1), index=RunIndex(status="completed"))
+        assert await log.unfinished_runs() == []
+        assert log.integrity_check() == "ok"
+
+    run(lambda: SqliteEventLog(path), body)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs_unfinished'").fetchone()
+        assert sql.endswith(f"WHERE {_UNFINISHED}") and " IN " not in sql
+    finally:
+        conn.close()
+
+
+def test_sqlite_run_index_writes_build_no_temporary_tables(tmp_path: Path) -> None:
+    """The writer's run index statements compile to plain comparisons: a constant IN list in the partial index's
+    condition made SQLite build and free a temporary table at every insert and status change of a run."""
+    from aobd._fast._py_sqlite_group import ADVANCE_RUN, ADVANCE_SEQ, INSERT_EVENT, INSERT_NEW_RUN
+
+    path = tmp_path / "events.db"
+    run(lambda: SqliteEventLog(path), lambda log: log.append("r", recs("r", 1, 1)))
+    conn = sqlite3.connect(path)
+    try:
+        for sql in (INSERT_NEW_RUN, ADVANCE_RUN, ADVANCE_SEQ, INSERT_EVENT):
+            opcodes = [row[1] for row in conn.execute("EXPLAIN " + sql, [None] * sql.count("?"))]
+            assert "OpenEphemeral" not in opcodes, sql
+    finally:
+        conn.close()
+
+
 def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     conn = sqlite3.connect(path)
