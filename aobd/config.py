@@ -184,10 +184,13 @@ class PlanesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     restart_backoff_max_s: float = 30.0
     #: Jobs one runner executes at once for each orchestrator (its credit); 0: the default (256).
     runner_credit: int = 0
-    #: Run sync function handlers not marked ``blocking`` in the orchestrator, inline in the step that made them
-    #: ready, instead of sending them to the runner plane. Saves two zmq hops per attempt; the price is that a
-    #: slow sync handler stalls every run of its orchestrator's shard. See tuning/planes.md.
-    inline_sync_handlers: bool = False
+    #: Where sync function handlers not marked ``blocking`` run. true: in the orchestrator, inline in the step
+    #: that made them ready (two zmq hops less per attempt, but a slow handler stalls its orchestrator's shard);
+    #: false: on the runner plane; "auto": inline until a handler proves slow (a call over inline_budget_ms, or a
+    #: hang or crash while it ran), then on the runner plane (aobd.engine.inline_policy). See tuning/planes.md.
+    inline_sync_handlers: bool | Literal["auto"] = "auto"
+    #: "auto": the longest inline call a handler may take before its attempts go to the runner plane.
+    inline_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     #: Where the planes' ipc sockets live; empty: <data_dir>/planes. A path too long for a unix socket
     #: (107 bytes) falls back to $XDG_RUNTIME_DIR or /tmp, under aobd-<hash of the directory>.
     socket_dir: str = ""

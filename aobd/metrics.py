@@ -271,6 +271,13 @@ class Metrics:
         self.rate_limited = Counter(
             "aobd_rate_limited", "Requests refused by a workspace rate limit.", ["workspace", "kind"], registry=r
         )
+        self.inline_demotions = Counter(
+            "aobd_inline_handlers_demoted",
+            "Sync handlers an orchestrator stopped running inline and sends to the runner plane"
+            ' ([planes] inline_sync_handlers = "auto"): too slow, or running when an orchestrator died.',
+            ["reason"],
+            registry=r,
+        )
 
         # Exported at zero before the first event, so rate() and absent() behave from the first scrape.
         for kind in ("node", "patch"):

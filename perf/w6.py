@@ -182,7 +182,7 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
 
 
 async def start_bench_daemon(
-    data_dir: Path, fidelity: str, processes: str, inline: bool = False, orchestrators: int = 0
+    data_dir: Path, fidelity: str, processes: str, inline: str = "auto", orchestrators: int = 0
 ) -> Any:
     """A fresh daemon for the HTTP benchmarks, in the process layout ``processes`` names:
 
@@ -190,7 +190,8 @@ async def start_bench_daemon(
     - ``multi``: the supervisor, one orchestrator serving HTTP, runners executing the nodes (accept plane off);
     - ``multi-accept``: the default layout, accept workers on the port calling the orchestrator over zmq.
 
-    With ``inline``, the orchestrators run the (sync) W6 handlers themselves (``planes.inline_sync_handlers``);
+    ``inline`` is ``planes.inline_sync_handlers``: "auto" (the daemon's default: the orchestrators run the sync W6
+    handlers themselves while each call stays under the budget), "true" or "false" (always on the runner plane);
     ``orchestrators`` is ``planes.orchestrators`` of ``multi-accept`` (the other layouts have one; 0 is the
     daemon's default, one per CPU).
     The benchmark measures the engine, not the limiter; its handlers are its own module.
@@ -202,8 +203,9 @@ async def start_bench_daemon(
         "multi": "[planes]\naccept_workers = 0\n",
         "multi-accept": f"[planes]\naccept_workers = 2\norchestrators = {orchestrators}\n",
     }.get(processes, "")
-    if inline:
-        planes += "inline_sync_handlers = true\n" if planes else "[planes]\ninline_sync_handlers = true\n"
+    if inline != "auto":
+        setting = f"inline_sync_handlers = {inline}\n"
+        planes += setting if planes else f"[planes]\n{setting}"
     config.write_text(f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}')
     daemon = Daemon(data_dir, free_port(), config=config, single_process=processes == "single")
     await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
@@ -217,7 +219,7 @@ async def run_http(
     data_dir: Path,
     fidelity: str,
     processes: str = "single",
-    inline: bool = False,
+    inline: str = "auto",
     orchestrators: int = 0,
 ) -> dict[str, Any]:
     import aiohttp
@@ -285,7 +287,7 @@ async def run_h2load(
     data_dir: Path,
     fidelity: str,
     processes: str = "multi-accept",
-    inline: bool = False,
+    inline: str = "auto",
     orchestrators: int = 0,
     streams: int = 4,
 ) -> dict[str, Any]:
@@ -426,9 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--inline",
-        action="store_true",
-        help="multi and multi-accept: the orchestrators run the sync W6 handlers inline ([planes] "
-        "inline_sync_handlers = true) instead of sending them to the runner plane",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="multi and multi-accept: [planes] inline_sync_handlers. auto (the default, as the daemon's): the"
+        " orchestrators run the sync W6 handlers inline while each call stays under the budget; true (--inline"
+        " alone): always inline; false: always on the runner plane",
     )
     parser.add_argument(
         "--orchestrators",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 CALLS: dict[str, int] = {}
@@ -47,4 +48,11 @@ def big(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def where(inputs: Any) -> dict[str, Any]:
     """Which process executed the attempt (cluster tests: which daemon's runner)."""
+    return {"pid": os.getpid()}
+
+
+def dawdle(inputs: Any) -> dict[str, Any]:
+    """A sync handler that holds its thread for ``inputs["s"]`` seconds (the inline budget's tests), then says
+    which process ran it."""
+    time.sleep(float(inputs.get("s", 0.02)) if isinstance(inputs, dict) else 0.02)
     return {"pid": os.getpid()}

@@ -43,6 +43,7 @@ from aobd.runner.worker import failure_of
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
 from .effects import Dispatch, Finished, Step, Wake
+from .inline_policy import InlinePolicy
 from .machine import RunMachine, no_url_check
 from .runlock import RunLock
 
@@ -107,6 +108,7 @@ class Engine:
         "fidelity",
         "handler_modules",
         "inline_handlers",
+        "inline_policy",
         "ir_cache",
         "listeners",
         "log",
@@ -174,6 +176,9 @@ class Engine:
         #: Whether sync function handlers may run inline (see ``_run_inline``). None: when the function executor
         #: is the in-process one. True: even though another executor is installed (``planes.inline_sync_handlers``).
         self.inline_handlers: bool | None = None
+        #: With inline handlers beside another executor: which handlers stay inline (``inline_sync_handlers =
+        #: "auto"``: all until one proves slow). None: every eligible handler, unmeasured.
+        self.inline_policy: InlinePolicy | None = None
         #: While draining, no new attempt is dispatched: nodes that became ready stay recorded as started and
         #: are re-dispatched by whoever resumes the run (the next start of this daemon).
         self.draining = False
@@ -562,7 +567,12 @@ class Engine:
             inline = self.inline_handlers
             if inline is None:
                 inline = self.executors.get("function") is execute_function
-            return inline_call(node, self.handler_modules) if inline else None
+            if not inline:
+                return None
+            policy = self.inline_policy
+            if policy is not None and not policy.allows(node.config.get("handler", "")):
+                return None  # demoted: it goes to the other executor
+            return inline_call(node, self.handler_modules)
         if node.type == "join" and self.executors.get("join") is execute_join:
             return _join_inline
         return None
@@ -581,25 +591,35 @@ class Engine:
             async with slot.lock:
                 machine = slot.machine
                 step = Step()
+                policy = self.inline_policy
+                if policy is not None:
+                    policy.entering([job.node.config.get("handler", job.node.type) for job, _ in jobs])
                 for job, call in jobs:
                     ctx = self._context(machine, job)
                     started = time.perf_counter()
+                    failure: Exception | None = None
                     try:
                         result = call(job.inputs, ctx)
                     except Exception as exc:
-                        error, retryable = failure_of(exc, job.node_id, job.attempt, job.timeout_s)
-                        part = self._failed(machine, job, error, retryable, _ms_since(started))
+                        failure = exc
+                    duration_ms = _ms_since(started)
+                    if policy is not None and job.node.type == "function":
+                        policy.observed(job.node.config["handler"], duration_ms)
+                    if failure is not None:
+                        error, retryable = failure_of(failure, job.node_id, job.attempt, job.timeout_s)
+                        part = self._failed(machine, job, error, retryable, duration_ms)
+                    elif type(result) not in _PLAIN_RESULTS and (
+                        isinstance(result, AgentAnswer) or inspect.isawaitable(result)
+                    ):
+                        self._spawn(slot, self._settle(slot, job, result, started))
+                        continue
                     else:
-                        if type(result) not in _PLAIN_RESULTS and (
-                            isinstance(result, AgentAnswer) or inspect.isawaitable(result)
-                        ):
-                            self._spawn(slot, self._settle(slot, job, result, started))
-                            continue
-                        duration_ms = _ms_since(started)
                         part = machine.node_completed(
                             job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
                         )
                     step.extend(part)
+                if policy is not None:
+                    policy.left()
                 await self._persist_live(slot, step)
                 jobs = self._perform(slot, step, collect=True)
 

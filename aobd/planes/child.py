@@ -23,13 +23,17 @@ import faulthandler
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from aobd.config import Config, load_config, orchestrator_count
 from aobd.gctune import tune_gc, tune_switch_interval
 from aobd.log import configure_logging
+
+if TYPE_CHECKING:
+    from aobd.engine.inline_policy import InlinePolicy
+    from aobd.metrics import Metrics
 
 log = structlog.get_logger("aobd.planes.child")
 
@@ -46,6 +50,40 @@ def die_with_parent() -> None:
         return  # not Linux: the heartbeat timeouts still notice a dead supervisor's children
     if os.getppid() != parent:  # the supervisor died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _inline_policy(config: Config, index: int, metrics: Metrics) -> InlinePolicy:
+    """The ``auto`` rule of this orchestrator: the daemon's demotions so far, plus the handlers the previous
+    orchestrator of this index left running inline when it died (they hung or crashed it)."""
+    from aobd.engine.inline_policy import InlinePolicy
+
+    from . import inline_marker
+    from .inline_marker import FileLedger, FileMarker
+
+    marker = FileMarker(inline_marker.marker_path(config, index))
+    ledger = FileLedger(inline_marker.ledger_path(config))
+    demoted = ledger.read()
+    for ref in marker.left_behind():
+        if ref in demoted:
+            continue
+        log.warning(
+            "a sync handler was running inline when this orchestrator's predecessor died; it runs on the runner"
+            " plane from now on",
+            handler=ref,
+            orchestrator=index,
+        )
+        ledger.record(ref)
+        demoted.add(ref)
+        metrics.inline_demotions.labels("died").inc()
+    marker.idle()
+
+    def demoted_now(ref: str, why: str) -> None:
+        log.warning("a sync handler runs on the runner plane from now on", handler=ref, why=why, orchestrator=index)
+        metrics.inline_demotions.labels("slow").inc()
+
+    return InlinePolicy(
+        config.planes.inline_budget_ms, demoted=demoted, marker=marker, ledger=ledger, on_demote=demoted_now
+    )
 
 
 async def orchestrator(config: Config, index: int, config_path: str | None) -> int:
@@ -74,7 +112,9 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     # Only these two types leave the process (wire.REMOTE_TYPES): agents, maps and composites need the live run.
     service.engine.executors["function"] = executor
     service.engine.executors["http"] = executor
-    service.engine.inline_handlers = config.planes.inline_sync_handlers
+    service.engine.inline_handlers = config.planes.inline_sync_handlers is not False
+    if config.planes.inline_sync_handlers == "auto":
+        service.engine.inline_policy = _inline_policy(config, index, daemon.metrics)
     link = ChildLink(
         config, "orchestrator", index, want_health=True, on_gone=lambda g: transport.runner_gone(g.index, g.pid)
     )

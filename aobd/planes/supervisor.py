@@ -31,6 +31,7 @@ from aobd.config import Config, orchestrator_count
 from aobd.daemon.sdnotify import Notifier
 
 from . import health, paths, shm_ir
+from .inline_marker import forget_demotions
 
 log = structlog.get_logger("aobd.planes.supervisor")
 
@@ -172,6 +173,8 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward_hup)
         paths.ensure_socket_dir(self.config)
+        # A new daemon trusts every handler again (a deploy may have fixed the slow ones): see inline_policy.
+        forget_demotions(self.config)
         sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(paths.supervisor(self.config))

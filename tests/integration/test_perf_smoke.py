@@ -110,14 +110,16 @@ def test_peers_table_runs_with_aobd_alone() -> None:
     assert [row["peer"] for row in result] == ["aobd"] and result[0]["completed"] == 20
 
 
-@pytest.mark.parametrize(("processes", "inline"), [("single", False), ("multi-accept", False), ("multi-accept", True)])
-def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str, inline: bool) -> None:
-    extra = ["--inline"] if inline else []
+@pytest.mark.parametrize(
+    ("processes", "inline"), [("single", "auto"), ("multi-accept", "false"), ("multi-accept", "auto")]
+)
+def test_w6_over_http_reports_the_daemons_cpu_and_memory(processes: str, inline: str) -> None:
+    extra = ["--inline", inline]
     result = harness(
         "perf.w6", "--mode", "http", "--processes", processes, *extra, "--runs", "30", "--concurrency", "4", "--json"
     )
     assert result["completed"] == 30
-    assert result["inline_sync_handlers"] is inline
+    assert result["inline_sync_handlers"] == inline
     assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0
 
 

@@ -71,7 +71,10 @@ def _wait_for(predicate: Any, timeout: float = 20) -> Any:
 
 def test_runner_and_orchestrator_killed_under_load_every_run_completes_once(tmp_path: Path) -> None:
     cpus = len(os.sched_getaffinity(0))
-    daemon = Daemon(tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", cpus), single_process=False)
+    # Every attempt on the runner plane, so killing the runner interrupts some of them.
+    layout = "accept_workers = 0\nrunners = 2\ninline_sync_handlers = false\n"
+    config = _config(tmp_path / "aobd.toml", cpus, layout)
+    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
     daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
     try:
         # /readyz answers once orchestrator 0 serves; the runners start after it (orchestrators start first).
@@ -153,6 +156,41 @@ def test_runner_and_orchestrator_killed_under_load_every_run_completes_once(tmp_
             await log.close()
 
     asyncio.run(check())
+
+
+def test_a_handler_running_inline_when_its_orchestrator_dies_runs_on_the_runners_after(tmp_path: Path) -> None:
+    """inline_sync_handlers = "auto": the orchestrator that replaces a killed one reads which handlers were running
+    inline at the kill (they may have hung it) and sends them to the runner plane, so a hanging handler cannot
+    keep killing orchestrators."""
+    config = tmp_path / "aobd.toml"
+    config.write_text(
+        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["tests.handlers"]\n'
+        "[planes]\naccept_workers = 0\nrunners = 1\nrestart_backoff_s = 0.1\n"
+    )
+    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    try:
+        planes = _wait_for(lambda: _all_up(daemon))
+        orch, runner = _child(planes, "orchestrator", 0), _child(planes, "runner", 0)
+        node = {"id": "a", "type": "function", "config": {"handler": "tests.handlers:dawdle"}, "in": {"s": "inputs.s"}}
+        doc = {"name": "stuck", "nodes": [node]}
+        reply = daemon.request("POST", "/v1/runs", {"definition": doc, "inputs": {"s": 2.0}})
+        assert reply.status == 201, reply.body
+        run_id = reply.body["run_id"]
+        time.sleep(0.5)  # the handler is sleeping inline in the orchestrator now
+        os.kill(orch["pid"], signal.SIGKILL)
+
+        def finished() -> dict[str, Any] | None:
+            run = daemon.request("GET", f"/v1/runs/{run_id}")
+            return run.body if run.status == 200 and run.body["status"] == "completed" else None
+
+        summary = _wait_for(finished, timeout=30)
+        assert summary["nodes"]["a"]["output"] == {"pid": runner["pid"]}  # not the orchestrator's this time
+        metrics = daemon.request("GET", "/metrics").body.decode()
+        assert 'aobd_inline_handlers_demoted_total{reason="died"} 1.0' in metrics
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()[-3000:]
 
 
 def test_drain_on_request_stops_the_whole_daemon(tmp_path: Path) -> None:
