@@ -35,38 +35,105 @@ def _instrument(state: str) -> None:
     subprocess.run(["callgrind_control", f"--instr={state}", str(os.getpid())], check=True, capture_output=True)
 
 
-async def _measure(runs: int, concurrency: int, fidelity: str, store: str) -> None:
-    """The instrumented part: runs W6 after a warm-up, with callgrind's instrumentation on only for the runs."""
-    from aobd.engine.driver import Engine
-    from aobd.store.memory import MemoryCas, MemoryEventLog
-    from perf.w6 import w6_document
-
-    doc = w6_document()
-    stores: list[Any] = []
+def _stores(store: str, data_dir: Path) -> tuple[Any, Any]:
+    """The event log and CAS of the measured runs."""
     if store == "sqlite":
         from aobd.store.local_cas import LocalCas
         from aobd.store.sqlite_log import SqliteEventLog
 
-        data_dir = Path(tempfile.mkdtemp(prefix="aobd-instructions-"))
-        stores = [SqliteEventLog(data_dir / "events.db"), LocalCas(data_dir / "cas")]
-    else:
-        stores = [MemoryEventLog(), MemoryCas()]
-    engine = Engine(stores[0], stores[1], fidelity=fidelity)
-    for _ in range(WARM_UP):
-        await engine.run(doc, {"x": 1})
-    gate = asyncio.Semaphore(concurrency)
+        return SqliteEventLog(data_dir / "events.db"), LocalCas(data_dir / "cas")
+    from aobd.store.memory import MemoryCas, MemoryEventLog
 
-    async def one() -> None:
-        async with gate:
-            await engine.run(doc, {"x": 1})
+    return MemoryEventLog(), MemoryCas()
 
-    _instrument("on")
-    await asyncio.gather(*(one() for _ in range(runs)))
-    _instrument("off")
-    await engine.close()
-    for opened in reversed(stores):
-        await opened.close()
-    if store == "sqlite":
+
+async def _one_run(layer: str, log: Any, cas: Any, fidelity: str, data_dir: Path) -> tuple[Any, Any]:
+    """(a coroutine function running one W6 run through ``layer``, a coroutine function closing what it opened).
+
+    - ``engine``: ``Engine.run``, the engine alone;
+    - ``service``: ``Service.start_run(wait)`` of a daemon (its listeners: metrics, live streams, the log lines),
+      what an orchestrator does for a run an accept worker forwards;
+    - ``api``: ``POST /v1/runs?wait=60`` through the daemon's ASGI app, called directly (no socket, no HTTP/2
+      framing): routing, auth, body decoding and the response, over the service.
+    """
+    from perf.w6 import w6_document
+
+    doc = w6_document()
+    if layer == "engine":
+        from aobd.engine.driver import Engine
+
+        engine = Engine(log, cas, fidelity=fidelity)
+        return (lambda: engine.run(doc, {"x": 1})), engine.close
+
+    import msgspec
+
+    from aobd.api.schemas import RunStart
+    from aobd.config import Config, EngineConfig, LimitsConfig, SecurityConfig
+    from aobd.daemon.server import Daemon
+    from aobd.daemon.service import Caller
+    from aobd.store.factory import Stores
+    from aobd.store.meta import SqliteMetaStore
+
+    config = Config(
+        data_dir=str(data_dir),
+        engine=EngineConfig(fidelity=fidelity),  # type: ignore[arg-type]
+        limits=LimitsConfig(run_starts_per_s=0),
+        security=SecurityConfig(handler_modules=["perf.w6_handlers"]),
+    )
+    daemon = Daemon(
+        config, Stores(log, cas, SqliteMetaStore(data_dir / "meta.db")), serve_http=False, serve_admin=False
+    )
+    service = daemon.service
+
+    async def close() -> None:
+        await service.engine.close()
+        await service.meta.close()
+
+    if layer == "service":
+        caller = Caller("default", "admin", "bench")
+        return (lambda: service.start_run(caller, RunStart(definition=doc, inputs={"x": 1}), wait_s=60)), close
+
+    body = msgspec.json.encode({"definition": doc, "inputs": {"x": 1}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/runs", "query_string": b"wait=60", "headers": headers}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def post() -> None:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await daemon.api(scope, receive, send)
+        if sent[0].get("status") != 201:
+            raise SystemExit(f"POST /v1/runs answered {sent}")
+
+    return post, close
+
+
+async def _measure(runs: int, concurrency: int, fidelity: str, store: str, layer: str) -> None:
+    """The instrumented part: runs W6 after a warm-up, with callgrind's instrumentation on only for the runs."""
+    data_dir = Path(tempfile.mkdtemp(prefix="aobd-instructions-"))
+    log, cas = _stores(store, data_dir)
+    try:
+        run_one, close = await _one_run(layer, log, cas, fidelity, data_dir)
+        for _ in range(WARM_UP):
+            await run_one()
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                await run_one()
+
+        _instrument("on")
+        await asyncio.gather(*(one() for _ in range(runs)))
+        _instrument("off")
+        await close()
+    finally:
+        await cas.close()
+        await log.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -92,7 +159,7 @@ def _thread_totals(directory: str) -> dict[int, int]:
     return totals
 
 
-def count(runs: int, concurrency: int, fidelity: str, store: str = "memory") -> Counted:
+def count(runs: int, concurrency: int, fidelity: str, store: str = "memory", layer: str = "engine") -> Counted:
     """Instructions callgrind counted for ``runs`` W6 runs (in a child process under valgrind), in all and on the
     event loop's thread, and which form of the engine's modules ran."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -112,6 +179,7 @@ def count(runs: int, concurrency: int, fidelity: str, store: str = "memory") -> 
             f"--concurrency={concurrency}",
             f"--fidelity={fidelity}",
             f"--store={store}",
+            f"--layer={layer}",
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -135,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         " directory (the loop's share of the durable path; the writer thread's instructions depend on how the"
         " threads interleave under valgrind, so compare loop_instructions_per_run)",
     )
+    parser.add_argument(
+        "--layer",
+        choices=["engine", "service", "api"],
+        default="engine",
+        help="what a run goes through: the engine alone (the default); an orchestrator's Service (start and wait,"
+        " with the daemon's listeners); or POST /v1/runs through the daemon's ASGI app, called directly",
+    )
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the process under valgrind
     args = parser.parse_args(argv)
     from aobd.gctune import tune_gc
@@ -147,14 +222,14 @@ def main(argv: list[str] | None = None) -> None:
 
         from aobd import _impl
 
-        uvloop.run(_measure(args.runs, args.concurrency, args.fidelity, args.store))
+        uvloop.run(_measure(args.runs, args.concurrency, args.fidelity, args.store, args.layer))
         # Which form of the engine's modules ran: a stale build silently runs the source under AOBD_IMPL=auto.
         forms = {_impl.loaded_compiled(importlib.import_module(name)) for name in _impl.COMPILED_MODULES}
         print("compiled" if forms == {True} else "source" if forms == {False} else "mixed")
         return
     from aobd import _fast
 
-    counted = count(args.runs, args.concurrency, args.fidelity, args.store)
+    counted = count(args.runs, args.concurrency, args.fidelity, args.store, args.layer)
     print(
         json.dumps(
             {
@@ -162,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 "engine": counted.engine,
                 "fidelity": args.fidelity,
                 "store": args.store,
+                "layer": args.layer,
                 "runs": args.runs,
                 "concurrency": args.concurrency,
                 "instructions": counted.total,

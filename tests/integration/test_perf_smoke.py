@@ -75,6 +75,16 @@ def test_instruction_count_counts_only_the_measured_runs() -> None:
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing (apt-get install valgrind)")
+def test_instruction_count_by_layer_adds_what_each_layer_costs() -> None:
+    """The service layer is the engine plus the daemon's listeners, the api layer that plus the ASGI app."""
+    counts = [
+        harness("perf.instructions", "--runs", "20", "--concurrency", "4", "--layer", layer)["instructions_per_run"]
+        for layer in ("engine", "service", "api")
+    ]
+    assert counts[0] < counts[1] < counts[2]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is missing (apt-get install valgrind)")
 def test_instruction_count_on_sqlite_splits_the_loop_from_the_writer() -> None:
     result = harness("perf.instructions", "--runs", "10", "--concurrency", "4", "--store", "sqlite")
     assert result["store"] == "sqlite"
