@@ -26,13 +26,14 @@ import platform
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from aobd import __version__
+from aobd.loopmetrics import LoopCounter, LoopHistogram
 from aobd.model import events as ev
 
 #: Label value standing for every value past a label's limit.
@@ -211,8 +212,10 @@ class Metrics:
         )
         self.build_info.labels(__version__, impl, platform.python_version()).set(1)
 
-        self.runs_started = Counter("aobd_runs_started", "Runs created (RunCreated).", ["workflow"], registry=r)
-        self.runs_finished = Counter(
+        # The metrics updated per event or per request are aobd.loopmetrics' lock-free kind (updated from the
+        # event loop only); the rest are prometheus_client's.
+        self.runs_started = LoopCounter("aobd_runs_started", "Runs created (RunCreated).", ["workflow"], registry=r)
+        self.runs_finished = LoopCounter(
             "aobd_runs_finished",
             "Runs that reached a terminal status: completed, failed or cancelled.",
             ["workflow", "status"],
@@ -220,14 +223,14 @@ class Metrics:
         )
         self.runs_active = Gauge("aobd_runs_active", "Runs created and not yet finished.", registry=r)
 
-        self.node_attempt_seconds = Histogram(
+        self.node_attempt_seconds = LoopHistogram(
             "aobd_node_attempt_duration_seconds",
             "Duration of executed node attempts by outcome (completed or failed); replay-reused outputs excluded.",
             ["node_type", "outcome"],
             buckets=NODE_SECONDS_BUCKETS,
             registry=r,
         )
-        self.node_attempts = Counter(
+        self.node_attempts = LoopCounter(
             "aobd_node_attempts",
             "Node attempts finished, by outcome (completed or failed).",
             ["node_type", "outcome"],
@@ -249,19 +252,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.events = Counter("aobd_events", "Events committed to the event log, by type.", ["type"], registry=r)
+        self.events = LoopCounter("aobd_events", "Events committed to the event log, by type.", ["type"], registry=r)
 
         self.stream_subscribers = Gauge(
             "aobd_stream_subscribers", "Open SSE and WebSocket event subscriptions.", registry=r
         )
 
-        self.http_requests = Counter(
+        self.http_requests = LoopCounter(
             "aobd_http_requests",
             "HTTP API requests by route, method and status.",
             ["route", "method", "status"],
             registry=r,
         )
-        self.http_request_seconds = Histogram(
+        self.http_request_seconds = LoopHistogram(
             "aobd_http_request_duration_seconds",
             "HTTP API request latency, until the response is sent.",
             ["route", "method"],
@@ -359,7 +362,7 @@ class MetricsListener:
         # Insertion ordered, so the first key is the oldest run.
         self._workflows: dict[str, str] = {}
         self._pending: dict[str, dict[str, str]] = {}  # run_id -> {ticket or patch_id: kind}
-        # Label children resolved once: labels() takes a lock and builds a tuple on every call. Keyed by raw
+        # Label children resolved once: labels() maps the label values to their child on every call. Keyed by raw
         # node type, a closed set (workflow validation refuses unknown types).
         self._attempt_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._event_children: dict[type[ev.Event], Any] = {}

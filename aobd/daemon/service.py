@@ -123,6 +123,8 @@ class Service:
         self.agent_jobs = AgentJobQueue()
         self.engine.agent_jobs = self.agent_jobs
         self._approvals: dict[str, _Approval] = {}
+        #: The tickets of each unfinished run's approvals, so a run's end does not scan every approval.
+        self._tickets_of_run: dict[str, set[str]] = {}
         #: Versions of run documents that passed validation and the handler allow-list here.
         self._checked: set[str] = set()
         self.engine.listeners.append(self._on_events)
@@ -157,14 +159,20 @@ class Service:
         node = machine.nodes[node_id]
         assert node.ticket is not None
         spec = machine.ir.nodes[machine.ir.index[node_id]]
-        approval = self._approvals[node.ticket] = _Approval(
-            node.ticket,
-            machine.run_id,
-            node_id,
-            machine.workspace,
-            list(spec.config.get("assignees", [])),
-            node.wake_at,
+        return self._add_approval(
+            _Approval(
+                node.ticket,
+                machine.run_id,
+                node_id,
+                machine.workspace,
+                list(spec.config.get("assignees", [])),
+                node.wake_at,
+            )
         )
+
+    def _add_approval(self, approval: _Approval) -> _Approval:
+        self._approvals[approval.ticket] = approval
+        self._tickets_of_run.setdefault(approval.run_id, set()).add(approval.ticket)
         return approval
 
     async def drain(self, grace_s: float) -> bool:
@@ -217,7 +225,7 @@ class Service:
             elif isinstance(e, (ev.PatchApplied, ev.PatchRolledBack)):
                 refs.setdefault(workspace, []).append(e.version_ref)
             elif isinstance(e, ev.ApprovalRequested):
-                self._approvals[e.ticket] = _Approval(e.ticket, e.run_id, e.node_id, workspace, e.assignees, e.deadline)
+                self._add_approval(_Approval(e.ticket, e.run_id, e.node_id, workspace, e.assignees, e.deadline))
             elif isinstance(e, ev.ApprovalDecided) and e.ticket in self._approvals:
                 approval = self._approvals[e.ticket]
                 approval.status = "approved" if e.decision == "approve" else "rejected"
@@ -228,8 +236,10 @@ class Service:
     def _forget(self, run_id: str) -> None:
         """A finished run emits nothing more: forget it, or these maps grow with every run ever started."""
         self._workspace_of.pop(run_id, None)
-        for ticket in [t for t, a in self._approvals.items() if a.run_id == run_id and a.status == "pending"]:
-            del self._approvals[ticket]
+        for ticket in self._tickets_of_run.pop(run_id, ()):
+            approval = self._approvals.get(ticket)
+            if approval is not None and approval.status == "pending":
+                del self._approvals[ticket]
 
     # ------------------------------------------------------------------ workflows
 
