@@ -21,8 +21,12 @@ COMPILED := $(shell $(PYTHON) -c "import runpy; m = runpy.run_path('aobd/_impl.p
 # Cython reuses generated C newer than its source, but the directives live in setup.py: a changed setup.py
 # regenerates it all.
 TWINS := $(wildcard aobd/_fast/*.pyx)
-$(EXT_STAMP): $(STAMP) setup.py $(TWINS) aobd/_impl.py $(COMPILED) | sqlite-headers
+# Declarations that make a compiled module's classes extension types (aobd/engine/machine.pxd): a changed one
+# regenerates its module's C.
+PXDS := $(wildcard $(COMPILED:.py=.pxd))
+$(EXT_STAMP): $(STAMP) setup.py $(TWINS) aobd/_impl.py $(COMPILED) $(PXDS) | sqlite-headers
 	if [ -f $@ ] && [ setup.py -nt $@ ]; then rm -f $(COMPILED:.py=.c) $(TWINS:.pyx=.c); fi
+	for pxd in $(PXDS); do if [ -f $@ ] && [ $$pxd -nt $@ ]; then rm -f $${pxd%.pxd}.c; fi; done
 	AOBD_BUILD_EXT=1 $(PY) setup.py -q build_ext --inplace --parallel 2
 	touch $@
 

@@ -77,7 +77,10 @@ def choose(source: str, impl: str) -> str:
         (stem + s for s in importlib.machinery.EXTENSION_SUFFIXES if os.path.exists(stem + s)),
         None,
     )
-    if extension is not None and os.stat(extension).st_mtime >= os.stat(source).st_mtime:
+    # A module's declarations for Cython (``machine.pxd`` beside ``machine.py``) are part of its compiled form.
+    declarations = stem + ".pxd"
+    newest = max(os.stat(path).st_mtime for path in (source, declarations) if os.path.exists(path))
+    if extension is not None and os.stat(extension).st_mtime >= newest:
         return extension
     why = "is not built" if extension is None else "is older than its source"
     if impl == "c":

@@ -86,8 +86,9 @@ class _RunSlot(msgspec.Struct):
 class Engine:
     """Runs workflows on an event log and a CAS. One instance per process (or per orchestrator shard)."""
 
-    # Slots, not an instance dict: the engine's attributes are read on every step, and in the compiled build each
-    # read is a generic lookup (see RunMachine). Measured with perf.instructions (docs/performance.md).
+    # Slots, not an instance dict: the engine's attributes are read on every step. Compiled, driver.pxd declares
+    # them as the fields of an extension type, which the engine's own methods read directly (see RunMachine).
+    # Keep the two lists the same. Measured with perf.instructions (docs/performance.md).
     __slots__ = (
         "_agent_jobs",
         "_closed",

@@ -122,9 +122,12 @@ class RunMachine:
     0.63 us against 0.11 us, and W6 builds twenty events per run (docs/performance.md).
     """
 
-    # Slots, not an instance dict: compiled, every ``self.x`` is a generic attribute lookup (Cython does not
-    # specialize them as the interpreter does), and a slot's is a cached descriptor instead of a dict probe. A W6
-    # run reads about 1,400 attributes; measured with callgrind in docs/performance.md.
+    # Slots, not an instance dict, and the same names declared in machine.pxd: compiled, the class is then an
+    # extension type whose attributes are C struct fields, which its own methods read directly, where each
+    # ``self.x`` of an ordinary class is a generic attribute lookup (Cython does not specialize them as the
+    # interpreter does; a W6 run reads about 1,400). machine.pxd also makes the methods a node's start and
+    # completion call on ``self`` direct C calls. Keep the two lists the same (tests/unit/test_engine_pxd.py).
+    # Measured with callgrind in docs/performance.md.
     __slots__ = (
         "_blobs",
         "_last_patch_routing",

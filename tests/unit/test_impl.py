@@ -53,6 +53,19 @@ def test_auto_never_runs_a_build_older_than_its_source(tmp_path: Path) -> None:
         assert _impl.choose(source, "auto") == source
 
 
+def test_a_build_older_than_its_declarations_is_stale(tmp_path: Path) -> None:
+    """A module's .pxd (its classes' fields for Cython) is part of its compiled form: editing it alone makes the
+    build stale."""
+    source = pair(tmp_path, built=True)
+    declarations = tmp_path / "mod.pxd"
+    declarations.write_text("cdef class X:\n    cdef public object y\n")
+    os.utime(declarations, (1500, 1500))
+    assert _impl.choose(source, "auto") == str(tmp_path / f"mod{SUFFIX}")
+    os.utime(declarations, (3000, 3000))
+    with pytest.warns(RuntimeWarning, match="older than its source"):
+        assert _impl.choose(source, "auto") == source
+
+
 def test_auto_runs_the_source_when_nothing_is_built(tmp_path: Path) -> None:
     source = pair(tmp_path, built=False)
     assert _impl.choose(source, "auto") == source

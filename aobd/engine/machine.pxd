@@ -1,0 +1,49 @@
+# The compiled form of RunMachine is an extension type: its attributes are C struct fields, read directly by
+# its own methods instead of through Python's generic attribute lookup (see machine.py's __slots__ comment and
+# docs/performance.md). machine.py stays the only source; this file only declares the fields for Cython.
+
+cdef class RunMachine:
+    cdef public object _blobs
+    cdef public object _last_patch_routing
+    cdef public object _routed
+    cdef public object agent_depth
+    cdef public object base_doc
+    cdef public object base_version
+    cdef public object context
+    cdef public object created
+    cdef public object created_at
+    cdef public object doc
+    cdef public object error
+    cdef public object events_seen
+    cdef public object fidelity
+    cdef public object inputs
+    cdef public object ir
+    cdef public object ir_cache
+    cdef public object nodes
+    cdef public object outputs
+    cdef public object patches
+    cdef public object router
+    cdef public object run_id
+    cdef public object seq
+    cdef public object spawned_nodes
+    cdef public object status
+    cdef public object updated_at
+    cdef public object version
+    cdef public object workflow_name
+    cdef public object workspace
+    cdef public object writer
+
+    # The methods a node's start and completion call on the machine itself: compiled as direct C calls from the
+    # machine's own methods (still ordinary methods to Python callers).
+    cpdef apply(self, event)
+    cpdef _route_done(self, node_id)
+    cpdef _edge_taken(self, edge)
+    cpdef _type_of(self, node_id)
+    cpdef _emit(self, step, event)
+    cpdef _schedule(self, step, ready, now)
+    cpdef _emit_skips(self, step, skipped, now)
+    cpdef _after_routing(self, step, routed, now)
+    cpdef _start_attempt(self, step, node_id, attempt, now)
+    cpdef _resolve_inputs(self, idx)
+    cpdef _maybe_finish(self, step, now)
+    cpdef _complete_internal(self, step, node_id, output, now)
