@@ -594,7 +594,8 @@ class Engine:
                 step = Step()
                 policy = self.inline_policy
                 if policy is not None:
-                    policy.entering([job.node.config.get("handler", job.node.type) for job, _ in jobs])
+                    # Each handler once (a fan-out's branches often share one), joins not at all (builtin).
+                    policy.entering({job.node.config["handler"] for job, _ in jobs if job.node.type == "function"})
                 for job, call in jobs:
                     ctx = self._context(machine, job)
                     started = time.perf_counter()

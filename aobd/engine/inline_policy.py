@@ -19,7 +19,7 @@ ledger when it starts, so a deploy with fixed handlers starts trusting them agai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 
@@ -27,7 +27,7 @@ class InlineMarker(Protocol):
     """Where the handlers running inline right now are written, for the next process to read should this one
     die meanwhile (:class:`aobd.planes.inline_marker.FileMarker`)."""
 
-    def running(self, refs: Sequence[str]) -> None: ...
+    def running(self, refs: Collection[str]) -> None: ...
 
     def idle(self) -> None: ...
 
@@ -76,7 +76,7 @@ class InlinePolicy:
         """Whether the handler ``ref`` may still run inline."""
         return ref not in self.demoted
 
-    def entering(self, refs: Sequence[str]) -> None:
+    def entering(self, refs: Collection[str]) -> None:
         """A ready set of these handlers is about to be called inline."""
         if self.marker is not None:
             self.marker.running(refs)

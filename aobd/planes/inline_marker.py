@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Collection
 from pathlib import Path
 
 from aobd.config import Config
@@ -53,8 +53,14 @@ class FileMarker:
         text = self._map[_HEADER : _HEADER + size].decode(errors="replace")
         return [ref for ref in text.split("\n") if ref]
 
-    def running(self, refs: Sequence[str]) -> None:
-        data = "\n".join(refs).encode()[: _SIZE - _HEADER]
+    def running(self, refs: Collection[str]) -> None:
+        # Refs past the page are left out whole (a set of that many distinct handlers is not a W6-like step).
+        data = b""
+        for ref in refs:
+            line = ref.encode() + b"\n"
+            if len(data) + len(line) > _SIZE - _HEADER:
+                break
+            data += line
         self._map[_HEADER : _HEADER + len(data)] = data
         self._map[:_HEADER] = len(data).to_bytes(_HEADER, "little")
 

@@ -150,3 +150,11 @@ def test_a_successor_demotes_what_its_predecessor_left_running(tmp_path: Path) -
 def test_the_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         InlinePolicy(0)
+
+
+def test_the_marker_keeps_whole_refs_when_a_set_overflows_its_page(tmp_path: Path) -> None:
+    refs = [f"module_{i:03}:handler_{'x' * 40}" for i in range(200)]  # about 11 KiB, the page holds 4
+    marker = FileMarker(tmp_path / "running")
+    marker.running(refs)
+    left = FileMarker(tmp_path / "running").left_behind()
+    assert 0 < len(left) < len(refs) and left == refs[: len(left)]
