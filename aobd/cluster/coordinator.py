@@ -183,7 +183,7 @@ class ClusterCoordinator:
         if self.directory is not None:
             self.directory.ownership_changed()
         resumed = 0
-        for run_id in await self.engine.log.unfinished_runs():
+        for run_id in await self.engine.log.unfinished_runs(partitions=numbers):
             if partition_of(run_id, self.partitions) in numbers:
                 resumed += await self._resume(run_id)
         self.ready.set()
@@ -236,7 +236,8 @@ class ClusterCoordinator:
             return 0
         strays = [
             run_id
-            for run_id in await self.engine.log.unfinished_runs()
+            # The log narrows the listing to these partitions as far as it recorded them; the check stays.
+            for run_id in await self.engine.log.unfinished_runs(partitions=owned)
             if partition_of(run_id, self.partitions) in owned and not self.engine.drives(run_id)
         ]
         taken = sum(await asyncio.gather(*(self._resume(run_id) for run_id in strays)))

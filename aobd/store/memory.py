@@ -9,7 +9,7 @@ down once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import msgspec
 
@@ -148,8 +148,8 @@ class MemoryEventLog:
         selected.sort(key=lambda item: item[:2], reverse=True)
         return [info for _, _, info in selected[: max(limit, 0)]]
 
-    async def unfinished_runs(self) -> list[str]:
-        self._check_open()
+    async def unfinished_runs(self, *, partitions: Collection[int] | None = None) -> list[str]:
+        self._check_open()  # partitions: this store records none, so it lists every run (see the protocol)
         selected = [
             (info.created_at, order, info.run_id)
             for order, info in enumerate(self._runs.values())

@@ -175,6 +175,19 @@ MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
             "DROP INDEX outbox_unpublished",
         ],
     ),
+    (
+        4,
+        "runs carry their partition: a daemon's sweep reads only its partitions' unfinished runs",
+        [
+            # Written by a run's first append when the log knows partition_of (a cluster's daemons); NO_PARTITION
+            # for runs created before this migration or without it, which every daemon's listing includes (a
+            # backfill could not do better, as for the outbox). Built without CONCURRENTLY, as migration 3's
+            # indexes: an upgrade stops the older daemons first (docs/scaling.md).
+            f"ALTER TABLE runs ADD COLUMN partition integer NOT NULL DEFAULT {NO_PARTITION}",
+            f"CREATE INDEX runs_unfinished_by_partition ON runs (partition, created_at, created_order)"
+            f" WHERE {_UNFINISHED}",
+        ],
+    ),
 ]
 #: The schema version this aobd reads and writes.
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -190,9 +203,9 @@ _MIGRATION_LOCK: Final = 0x616F6264
 # round n + 1 sees what round n wrote. Rows go in run_id order, the same in every daemon, so two daemons'
 # batches over the same runs queue behind each other rather than deadlock (a deadlock is retried anyway).
 _CREATE_RUNS: Final = """
-INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace)
+INSERT INTO runs (run_id, workflow, status, created_at, updated_at, last_seq, parent_run_id, workspace, partition)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[], %b::int8[], %b::text[],
-    %b::text[]) AS a (run_id) ORDER BY run_id
+    %b::text[], %b::int4[]) AS a (run_id) ORDER BY run_id
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -517,8 +530,9 @@ class PostgresEventLog(_PooledStore):
         outbox: also write every committed event to the ``outbox`` table, in the same transaction, for a relay
             that publishes them (see :meth:`claim_outbox`).
         outbox_partition_of: the partition of a run, stored with its outbox rows so that each partition's
-            owner relays them; may be set later (the coordinator sets it once it knows the topic's partition
-            count). Rows written while it is None are relayed by the owner of partition 0.
+            owner relays them, and with a new run's row so that each daemon's sweep lists its own partitions'
+            (:meth:`unfinished_runs`); may be set later (the coordinator sets it once it knows the topic's
+            partition count). Outbox rows written while it is None are relayed by the owner of partition 0.
         connect_timeout: seconds to wait for a connection, at open and later.
     """
 
@@ -679,7 +693,7 @@ class PostgresEventLog(_PooledStore):
             # losers' runs and COMMIT in a second.
             try:
                 async with conn.pipeline() as pipeline, conn.transaction():
-                    sent = await _check_runs(conn, batch)
+                    sent = await _check_runs(conn, batch, self.outbox_partition_of)
                     await pipeline.sync()
                     won = await _winners(batch, sent)
                     losers = sorted({run_id for (run_id, *_), ok in zip(batch, won) if not ok})
@@ -700,7 +714,7 @@ class PostgresEventLog(_PooledStore):
         run_id, records = pending[0], pending[1]
         try:
             async with conn.transaction():  # a SAVEPOINT inside the batch's transaction
-                [won] = await _winners([pending], await _check_runs(conn, [pending]))
+                [won] = await _winners([pending], await _check_runs(conn, [pending], self.outbox_partition_of))
                 if not won:
                     return await self._conflict_now(conn, run_id, records)
                 await conn.execute(*self._insert(records))
@@ -771,9 +785,19 @@ class PostgresEventLog(_PooledStore):
         rows = await self._fetch(sql, (*params, max(limit, 0)), doing="listing runs", read_only=True)
         return [RunInfo(*row) for row in rows]
 
-    async def unfinished_runs(self) -> list[str]:
-        sql = f"SELECT run_id FROM runs WHERE {_UNFINISHED} ORDER BY created_at, created_order"
-        return [row[0] for row in await self._fetch(sql, doing="listing unfinished runs", read_only=True)]
+    async def unfinished_runs(self, *, partitions: Collection[int] | None = None) -> list[str]:
+        """See the protocol: with ``partitions``, the runs stored under them and those stored without one."""
+        if partitions is None:
+            sql = f"SELECT run_id FROM runs WHERE {_UNFINISHED} ORDER BY created_at, created_order"
+            rows = await self._fetch(sql, doing="listing unfinished runs", read_only=True)
+        else:
+            wanted = [NO_PARTITION, *sorted(set(partitions))]
+            sql = (
+                f"SELECT run_id FROM runs WHERE {_UNFINISHED} AND partition = ANY(%s::int4[])"
+                " ORDER BY created_at, created_order"
+            )
+            rows = await self._fetch(sql, (wanted,), doing="listing unfinished runs", read_only=True)
+        return [row[0] for row in rows]
 
     # -- outbox ----------------------------------------------------------------------------------------------
 
@@ -879,8 +903,11 @@ class _AppendFailed(Exception):
     """A statement of one append failed inside a batch (the batch is retried append by append)."""
 
 
-async def _check_runs(conn: AsyncConnection[Any], batch: list[_Pending]) -> list[tuple[Any, list[int]]]:
+async def _check_runs(
+    conn: AsyncConnection[Any], batch: list[_Pending], partition_of: Callable[[str], int] | None
+) -> list[tuple[Any, list[int]]]:
     """Send the run checks of ``batch`` (sorted by run id): the cursors and the positions each one checked.
+    ``partition_of`` gives a new run's stored partition (None: :data:`NO_PARTITION`).
 
     In pipeline mode nothing is awaited here; :func:`_winners` reads the cursors once the caller has synced.
     """
@@ -894,7 +921,7 @@ async def _check_runs(conn: AsyncConnection[Any], batch: list[_Pending]) -> list
     sent = []
     for new_runs, later in rounds:
         if new_runs:
-            sent.append((await conn.execute(_CREATE_RUNS, _create_columns(batch, new_runs)), new_runs))
+            sent.append((await conn.execute(_CREATE_RUNS, _create_columns(batch, new_runs, partition_of)), new_runs))
         if later:
             sent.append((await conn.execute(_ADVANCE_RUNS, _advance_columns(batch, later)), later))
     return sent
@@ -910,9 +937,11 @@ async def _winners(batch: list[_Pending], sent: list[tuple[Any, list[int]]]) -> 
     return won
 
 
-def _create_columns(batch: list[_Pending], positions: list[int]) -> tuple[list[Any], ...]:
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
-    run_ids, workflows, statuses, created, updated, lasts, parents, workspaces = columns
+def _create_columns(
+    batch: list[_Pending], positions: list[int], partition_of: Callable[[str], int] | None
+) -> tuple[list[Any], ...]:
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+    run_ids, workflows, statuses, created, updated, lasts, parents, workspaces, partitions = columns
     for position in positions:
         run_id, records, index, _ = batch[position]
         idx = index or _NO_INDEX
@@ -925,6 +954,7 @@ def _create_columns(batch: list[_Pending], positions: list[int]) -> tuple[list[A
         lasts.append(records[-1].seq)
         parents.append(idx.parent_run_id)
         workspaces.append(idx.workspace or DEFAULT_WORKSPACE)
+        partitions.append(NO_PARTITION if partition_of is None else partition_of(run_id))
     return columns
 
 

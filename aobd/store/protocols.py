@@ -9,7 +9,7 @@ store never interprets payloads beyond the run index fields handed to it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import msgspec
@@ -80,8 +80,14 @@ class EventLog(Protocol):
         """Runs, newest first."""
         ...
 
-    async def unfinished_runs(self) -> list[str]:
-        """Ids of runs whose status is not terminal, oldest first (what ``aobd resume`` finishes)."""
+    async def unfinished_runs(self, *, partitions: Collection[int] | None = None) -> list[str]:
+        """Ids of runs whose status is not terminal, oldest first (what ``aobd resume`` finishes).
+
+        ``partitions`` narrows the listing for a cluster's daemon, as far as the store can: a store that records
+        each run's partition (Postgres, once told ``partition_of``) leaves out runs recorded under other
+        partitions; runs recorded without one, and every run of other stores, are listed regardless. So the
+        caller still checks each id's partition.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +343,8 @@ class SqliteEventLog:
             raise self._read_error("listing runs", exc) from exc
         return [RunInfo(*row) for row in rows]
 
-    async def unfinished_runs(self) -> list[str]:
+    async def unfinished_runs(self, *, partitions: Collection[int] | None = None) -> list[str]:
+        # partitions: a single daemon's log records none, so it lists every run (see the protocol).
         return await self._in_reader_thread(self._unfinished_runs)
 
     def _unfinished_runs(self) -> list[str]:

@@ -420,6 +420,28 @@ def test_a_claim_returns_only_the_rows_of_its_partitions(db: str) -> None:
     run(lambda: PostgresEventLog(db, outbox=True, outbox_partition_of=_partition), body)
 
 
+def test_unfinished_runs_narrowed_to_partitions_keep_runs_stored_without_one(db: str) -> None:
+    """A cluster daemon's sweep reads its own partitions' unfinished runs (migration 4), plus the runs created
+    before the log knew the partitions, whose partition nobody recorded."""
+
+    async def body(log: PostgresEventLog) -> None:
+        await log.append("r100", recs("r100", 1, 1))  # before the coordinator set partition_of: no partition
+        log.outbox_partition_of = _partition
+        await asyncio.gather(*(log.append(f"r{i}", recs(f"r{i}", 1, 1)) for i in range(8)))
+        await log.append("r5", recs("r5", 2, 1), index=RunIndex(status="completed"))
+        every = await log.unfinished_runs()
+        assert sorted(every) == sorted(["r100", "r0", "r1", "r2", "r3", "r4", "r6", "r7"])
+        narrowed = await log.unfinished_runs(partitions={1, 3})
+        assert sorted(narrowed) == ["r1", "r100", "r3", "r7"]  # r5 has finished
+        assert narrowed == [r for r in every if r in narrowed]  # still oldest first
+        assert await log.unfinished_runs(partitions=[]) == ["r100"]
+        # An index of the unfinished runs by partition serves it, not a scan of every run ever created.
+        [(definition,)] = _sql(db, "SELECT indexdef FROM pg_indexes WHERE indexname = 'runs_unfinished_by_partition'")
+        assert "(partition, created_at, created_order) WHERE" in definition, definition
+
+    run(lambda: PostgresEventLog(db, outbox=True), body)
+
+
 def test_a_run_waits_while_another_relay_leases_its_earlier_rows(db: str) -> None:
     """A partition's new owner must not publish seq n + 1 while the old owner's claim holds seq n."""
 
@@ -545,8 +567,10 @@ def test_migration_3_upgrades_an_outbox_whose_rows_are_then_relayed(
         _sql(dsn, "INSERT INTO outbox (run_id, seq, type, ts, data) VALUES (%s, %s, 'step', 1, 'old')", (run_id, seq))
     _sql(dsn, "UPDATE outbox SET published_at = now() WHERE run_id = 'r6'")
 
-    assert asyncio.run(migrate(dsn)) == [3]
+    assert asyncio.run(migrate(dsn)) == [3, 4]
     assert _sql(dsn, "SELECT DISTINCT partition FROM outbox") == [(NO_PARTITION,)]
+    # Migration 4: the runs of an older aobd have no recorded partition either, so every daemon's sweep lists them.
+    assert _sql(dsn, "SELECT DISTINCT partition FROM runs") == [(NO_PARTITION,)]
     indexes = {name for (name,) in _sql(dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'outbox'")}
     assert indexes == {"outbox_pkey", "outbox_unpublished_by_partition", "outbox_unpublished_by_run"}
 
