@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 
@@ -55,41 +57,63 @@ class HistogramChild:
         self.sum += amount
 
 
-class LoopCounter:
+_Child = TypeVar("_Child", CounterChild, HistogramChild)
+
+
+class _LoopMetric(Collector, Generic[_Child]):
+    """What a labelled loop metric shares: its name, its label names and a child per label set."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Child] = {}
+        registry.register(self)
+
+    def _new_child(self) -> _Child:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, not {values}")
+            child = self._children[values] = self._new_child()
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+
+class LoopCounter(_LoopMetric[CounterChild]):
     """A labelled counter (``name`` without ``_total``, as prometheus_client's ``Counter`` takes it)."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Iterable[str] = (), *, registry: CollectorRegistry
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, not {values}")
-            child = self._children[values] = CounterChild()
-        return child
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def inc(self, amount: float = 1.0) -> None:
         """For a counter without labels."""
         self.labels().inc(amount)
 
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
     def collect(self) -> list[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for values, child in list(self._children.items()):
             family.add_metric(values, child.value)
         return [family]
 
 
-class LoopHistogram:
+class LoopHistogram(_LoopMetric[HistogramChild]):
     """A labelled histogram with fixed bucket bounds (+Inf is added)."""
 
     def __init__(
@@ -104,27 +128,18 @@ class LoopHistogram:
         bounds = sorted(float(b) for b in buckets)
         if not bounds or bounds[-1] != float("inf"):
             bounds.append(float("inf"))
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = tuple(bounds)
         self._les = [floatToGoString(b) for b in bounds]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, not {values}")
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
-    def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> list[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for values, child in list(self._children.items()):
             counts, total = list(child.counts), child.sum
             cumulative, buckets = 0, []
