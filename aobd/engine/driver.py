@@ -596,32 +596,34 @@ class Engine:
                 if policy is not None:
                     # Each handler once (a fan-out's branches often share one), joins not at all (builtin).
                     policy.entering({job.node.config["handler"] for job, _ in jobs if job.node.type == "function"})
-                for job, call in jobs:
-                    ctx = self._context(machine, job)
-                    started = time.perf_counter()
-                    failure: Exception | None = None
-                    try:
-                        result = call(job.inputs, ctx)
-                    except Exception as exc:
-                        failure = exc
-                    duration_ms = _ms_since(started)
-                    if policy is not None and job.node.type == "function":
-                        policy.observed(job.node.config["handler"], duration_ms)
-                    if failure is not None:
-                        error, retryable = failure_of(failure, job.node_id, job.attempt, job.timeout_s)
-                        part = self._failed(machine, job, error, retryable, duration_ms)
-                    elif type(result) not in _PLAIN_RESULTS and (
-                        isinstance(result, AgentAnswer) or inspect.isawaitable(result)
-                    ):
-                        self._spawn(slot, self._settle(slot, job, result, started))
-                        continue
-                    else:
-                        part = machine.node_completed(
-                            job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
-                        )
-                    step.extend(part)
-                if policy is not None:
-                    policy.left()
+                try:
+                    for job, call in jobs:
+                        ctx = self._context(machine, job)
+                        started = time.perf_counter()
+                        failure: Exception | None = None
+                        try:
+                            result = call(job.inputs, ctx)
+                        except Exception as exc:
+                            failure = exc
+                        duration_ms = _ms_since(started)
+                        if policy is not None and job.node.type == "function":
+                            policy.observed(job.node.config["handler"], duration_ms)
+                        if failure is not None:
+                            error, retryable = failure_of(failure, job.node_id, job.attempt, job.timeout_s)
+                            part = self._failed(machine, job, error, retryable, duration_ms)
+                        elif type(result) not in _PLAIN_RESULTS and (
+                            isinstance(result, AgentAnswer) or inspect.isawaitable(result)
+                        ):
+                            self._spawn(slot, self._settle(slot, job, result, started))
+                            continue
+                        else:
+                            part = machine.node_completed(
+                                job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
+                            )
+                        step.extend(part)
+                finally:
+                    if policy is not None:
+                        policy.left()  # whatever the calls did: the marker names only running handlers
                 await self._persist_live(slot, step)
                 jobs = self._perform(slot, step, collect=True)
 
