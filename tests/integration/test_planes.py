@@ -214,7 +214,9 @@ def test_drain_on_request_stops_the_whole_daemon(tmp_path: Path) -> None:
 def test_default_layout_survives_a_kill_of_every_child_kind(tmp_path: Path) -> None:
     """Accept workers, two orchestrators (runs sharded by id), a runner and the fanout plane; each kind is killed
     once under load. Clients retry with an idempotency key, as a client of any HTTP service must when an answer
-    is lost: a retried start never makes a second run."""
+    is lost: a retried start never makes a second run. The layout's default inline_sync_handlers = "auto" runs
+    W6's handlers in the orchestrators (until the orchestrator's kill demotes the ones it was running); killing a
+    runner with attempts in flight is the first test's part."""
     layout = "accept_workers = 2\norchestrators = 2\nrunners = 1\n"
     daemon = Daemon(
         tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", 1, layout), single_process=False
