@@ -193,6 +193,34 @@ def test_a_handler_running_inline_when_its_orchestrator_dies_runs_on_the_runners
     assert code == 0, daemon.output()[-3000:]
 
 
+def test_a_sync_handler_over_the_inline_budget_moves_to_the_runners(tmp_path: Path) -> None:
+    """inline_sync_handlers = "auto": a handler's first call runs in the orchestrator; once a call took longer than
+    inline_budget_ms, its next attempts run on the runner plane, and the daemon counts the demotion."""
+    config = tmp_path / "aobd.toml"
+    config.write_text(
+        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["tests.handlers"]\n'
+        "[planes]\naccept_workers = 0\nrunners = 1\ninline_budget_ms = 5.0\n"
+    )
+    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
+    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
+    try:
+        planes = _wait_for(lambda: _all_up(daemon))
+        orch, runner = _child(planes, "orchestrator", 0), _child(planes, "runner", 0)
+        node = {"id": "a", "type": "function", "config": {"handler": "tests.handlers:dawdle"}, "in": {"s": "inputs.s"}}
+        body = {"definition": {"name": "slowish", "nodes": [node]}, "inputs": {"s": 0.05}}
+        ran_in = []
+        for _ in range(2):
+            reply = daemon.request("POST", "/v1/runs?wait=30", body)
+            assert reply.status == 201 and reply.body["status"] == "completed", reply.body
+            ran_in.append(reply.body["nodes"]["a"]["output"]["pid"])
+        assert ran_in == [orch["pid"], runner["pid"]]
+        metrics = daemon.request("GET", "/metrics").body.decode()
+        assert 'aobd_inline_handlers_demoted_total{reason="slow"} 1.0' in metrics
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()[-3000:]
+
+
 def test_drain_on_request_stops_the_whole_daemon(tmp_path: Path) -> None:
     """``aobctl drain`` reaches orchestrator 0 over the admin socket; the supervisor then stops every child."""
     daemon = Daemon(tmp_path / "data", free_port(), config=_config(tmp_path / "aobd.toml", 1), single_process=False)
