@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from perf.spy_top import summarize
-from perf.w6 import _tree, process_cpu_split, start_bench_daemon, w6_document
+from perf.w6 import _tree, add_inline_argument, process_cpu_split, start_bench_daemon, w6_document
 
 
 def _role(pid: int) -> str:
@@ -118,10 +118,7 @@ async def profile(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.profile_planes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=8000)
-    parser.add_argument(
-        "--inline", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
-        help="[planes] inline_sync_handlers (--inline alone: true)",
-    )  # fmt: skip
+    add_inline_argument(parser)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--connections", type=int, default=64, help="h2load connections, 4 streams each")
     parser.add_argument("--orchestrators", type=int, default=0, help="[planes] orchestrators (0: the default)")

@@ -181,6 +181,20 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
     }
 
 
+def add_inline_argument(parser: argparse.ArgumentParser) -> None:
+    """``--inline [auto|true|false]``: ``[planes] inline_sync_handlers`` of the benchmark's daemon."""
+    parser.add_argument(
+        "--inline",
+        nargs="?",
+        const="true",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="multi and multi-accept: [planes] inline_sync_handlers. auto (the default, as the daemon's): the"
+        " orchestrators run the sync W6 handlers inline while each call stays under the budget; true (--inline"
+        " alone): always inline; false: always on the runner plane",
+    )
+
+
 async def start_bench_daemon(
     data_dir: Path, fidelity: str, processes: str, inline: str = "auto", orchestrators: int = 0
 ) -> Any:
@@ -426,16 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "serving "
         "HTTP and the runner plane (multi); or in the default layout with accept workers (multi-accept)",
     )
-    parser.add_argument(
-        "--inline",
-        nargs="?",
-        const="true",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="multi and multi-accept: [planes] inline_sync_handlers. auto (the default, as the daemon's): the"
-        " orchestrators run the sync W6 handlers inline while each call stays under the budget; true (--inline"
-        " alone): always inline; false: always on the runner plane",
-    )
+    add_inline_argument(parser)
     parser.add_argument(
         "--orchestrators",
         type=int,

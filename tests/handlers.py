@@ -56,3 +56,9 @@ def dawdle(inputs: Any) -> dict[str, Any]:
     which process ran it."""
     time.sleep(float(inputs.get("s", 0.02)) if isinstance(inputs, dict) else 0.02)
     return {"pid": os.getpid()}
+
+
+def sulk(inputs: Any) -> None:
+    """A sync handler that takes 20 ms to fail (the inline budget's tests)."""
+    time.sleep(0.02)
+    raise ValueError("the handler gave up on purpose")

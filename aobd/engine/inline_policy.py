@@ -38,8 +38,9 @@ class DemotionLedger(Protocol):
     def record(self, ref: str) -> None: ...
 
 
-#: ``on_demote(ref, why)``: told once per handler demoted (the orchestrator logs it and counts it in metrics).
-OnDemote = Callable[[str, str], None]
+#: ``on_demote(ref, reason, why)``: told once per handler demoted; ``reason`` is "slow" or "died" (the
+#: orchestrator logs it and counts it in metrics by reason).
+OnDemote = Callable[[str, str, str], None]
 
 
 class InlinePolicy:
@@ -47,7 +48,7 @@ class InlinePolicy:
 
     Args:
         budget_ms: the longest inline call a handler may take and stay inline.
-        demoted: handlers known slow already (the ledger's, and the dead predecessor's marker).
+        demoted: handlers known slow already (the ledger's).
         marker: where the running set is written (None: nowhere, as in tests).
         ledger: where demotions are shared (None: nowhere).
         on_demote: told of each demotion.
@@ -89,14 +90,14 @@ class InlinePolicy:
     def observed(self, ref: str, duration_ms: float) -> None:
         """An inline call of ``ref`` took ``duration_ms``: over the budget, the handler is demoted."""
         if duration_ms > self.budget_ms and ref not in self.demoted:
-            self.demote(ref, f"an inline call took {duration_ms:.1f} ms (budget {self.budget_ms:g} ms)")
+            self.demote(ref, "slow", f"an inline call took {duration_ms:.1f} ms (budget {self.budget_ms:g} ms)")
 
-    def demote(self, ref: str, why: str) -> None:
-        """Send ``ref``'s attempts to the runner plane from now on."""
+    def demote(self, ref: str, reason: str, why: str) -> None:
+        """Send ``ref``'s attempts to the runner plane from now on (``reason``: "slow" or "died")."""
         if ref in self.demoted:
             return
         self.demoted.add(ref)
         if self.ledger is not None:
             self.ledger.record(ref)
         if self.on_demote is not None:
-            self.on_demote(ref, why)
+            self.on_demote(ref, reason, why)

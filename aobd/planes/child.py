@@ -62,28 +62,18 @@ def _inline_policy(config: Config, index: int, metrics: Metrics) -> InlinePolicy
 
     marker = FileMarker(inline_marker.marker_path(config, index))
     ledger = FileLedger(inline_marker.ledger_path(config))
-    demoted = ledger.read()
-    for ref in marker.left_behind():
-        if ref in demoted:
-            continue
-        log.warning(
-            "a sync handler was running inline when this orchestrator's predecessor died; it runs on the runner"
-            " plane from now on",
-            handler=ref,
-            orchestrator=index,
-        )
-        ledger.record(ref)
-        demoted.add(ref)
-        metrics.inline_demotions.labels("died").inc()
-    marker.idle()
 
-    def demoted_now(ref: str, why: str) -> None:
+    def demoted(ref: str, reason: str, why: str) -> None:
         log.warning("a sync handler runs on the runner plane from now on", handler=ref, why=why, orchestrator=index)
-        metrics.inline_demotions.labels("slow").inc()
+        metrics.inline_demotions.labels(reason).inc()
 
-    return InlinePolicy(
-        config.planes.inline_budget_ms, demoted=demoted, marker=marker, ledger=ledger, on_demote=demoted_now
+    policy = InlinePolicy(
+        config.planes.inline_budget_ms, demoted=ledger.read(), marker=marker, ledger=ledger, on_demote=demoted
     )
+    for ref in marker.left_behind():
+        policy.demote(ref, "died", "it was running inline when this orchestrator's predecessor died")
+    marker.idle()
+    return policy
 
 
 async def orchestrator(config: Config, index: int, config_path: str | None) -> int:

@@ -8,6 +8,7 @@ groups are pinned to their configured cores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,23 +160,40 @@ def test_runner_and_orchestrator_killed_under_load_every_run_completes_once(tmp_
     asyncio.run(check())
 
 
-def test_a_handler_running_inline_when_its_orchestrator_dies_runs_on_the_runners_after(tmp_path: Path) -> None:
-    """inline_sync_handlers = "auto": the orchestrator that replaces a killed one reads which handlers were running
-    inline at the kill (they may have hung it) and sends them to the runner plane, so a hanging handler cannot
-    keep killing orchestrators."""
+#: One node calling tests.handlers:dawdle, which sleeps inputs.s seconds and answers with its process id.
+_DAWDLE = {
+    "name": "dawdle",
+    "nodes": [{"id": "a", "type": "function", "config": {"handler": "tests.handlers:dawdle"}, "in": {"s": "inputs.s"}}],
+}
+
+
+@contextlib.contextmanager
+def _one_orchestrator_and_runner(
+    tmp_path: Path, planes: str = ""
+) -> Iterator[tuple[Daemon, dict[str, Any], dict[str, Any]]]:
+    """The multi-process daemon with one orchestrator serving HTTP and one runner, both up, on the default
+    inline_sync_handlers ("auto"); yields it and the two children's health entries, and checks its clean stop."""
     config = tmp_path / "aobd.toml"
     config.write_text(
         '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["tests.handlers"]\n'
-        "[planes]\naccept_workers = 0\nrunners = 1\nrestart_backoff_s = 0.1\n"
+        f"[planes]\naccept_workers = 0\nrunners = 1\nrestart_backoff_s = 0.1\n{planes}"
     )
     daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
     daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
     try:
-        planes = _wait_for(lambda: _all_up(daemon))
-        orch, runner = _child(planes, "orchestrator", 0), _child(planes, "runner", 0)
-        node = {"id": "a", "type": "function", "config": {"handler": "tests.handlers:dawdle"}, "in": {"s": "inputs.s"}}
-        doc = {"name": "stuck", "nodes": [node]}
-        reply = daemon.request("POST", "/v1/runs", {"definition": doc, "inputs": {"s": 2.0}})
+        children = _wait_for(lambda: _all_up(daemon))
+        yield daemon, _child(children, "orchestrator", 0), _child(children, "runner", 0)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output()[-3000:]
+
+
+def test_a_handler_running_inline_when_its_orchestrator_dies_runs_on_the_runners_after(tmp_path: Path) -> None:
+    """inline_sync_handlers = "auto": the orchestrator that replaces a killed one reads which handlers were running
+    inline at the kill (they may have hung it) and sends them to the runner plane, so a hanging handler cannot
+    keep killing orchestrators."""
+    with _one_orchestrator_and_runner(tmp_path) as (daemon, orch, runner):
+        reply = daemon.request("POST", "/v1/runs", {"definition": _DAWDLE, "inputs": {"s": 2.0}})
         assert reply.status == 201, reply.body
         run_id = reply.body["run_id"]
         time.sleep(0.5)  # the handler is sleeping inline in the orchestrator now
@@ -188,26 +207,13 @@ def test_a_handler_running_inline_when_its_orchestrator_dies_runs_on_the_runners
         assert summary["nodes"]["a"]["output"] == {"pid": runner["pid"]}  # not the orchestrator's this time
         metrics = daemon.request("GET", "/metrics").body.decode()
         assert 'aobd_inline_handlers_demoted_total{reason="died"} 1.0' in metrics
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.output()[-3000:]
 
 
 def test_a_sync_handler_over_the_inline_budget_moves_to_the_runners(tmp_path: Path) -> None:
     """inline_sync_handlers = "auto": a handler's first call runs in the orchestrator; once a call took longer than
     inline_budget_ms, its next attempts run on the runner plane, and the daemon counts the demotion."""
-    config = tmp_path / "aobd.toml"
-    config.write_text(
-        '[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["tests.handlers"]\n'
-        "[planes]\naccept_workers = 0\nrunners = 1\ninline_budget_ms = 5.0\n"
-    )
-    daemon = Daemon(tmp_path / "data", free_port(), config=config, single_process=False)
-    daemon.start(extra_env={"AOBD_LOG_LEVEL": "warning"})
-    try:
-        planes = _wait_for(lambda: _all_up(daemon))
-        orch, runner = _child(planes, "orchestrator", 0), _child(planes, "runner", 0)
-        node = {"id": "a", "type": "function", "config": {"handler": "tests.handlers:dawdle"}, "in": {"s": "inputs.s"}}
-        body = {"definition": {"name": "slowish", "nodes": [node]}, "inputs": {"s": 0.05}}
+    with _one_orchestrator_and_runner(tmp_path, "inline_budget_ms = 5.0\n") as (daemon, orch, runner):
+        body = {"definition": _DAWDLE, "inputs": {"s": 0.05}}
         ran_in = []
         for _ in range(2):
             reply = daemon.request("POST", "/v1/runs?wait=30", body)
@@ -216,9 +222,6 @@ def test_a_sync_handler_over_the_inline_budget_moves_to_the_runners(tmp_path: Pa
         assert ran_in == [orch["pid"], runner["pid"]]
         metrics = daemon.request("GET", "/metrics").body.decode()
         assert 'aobd_inline_handlers_demoted_total{reason="slow"} 1.0' in metrics
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.output()[-3000:]
 
 
 def test_drain_on_request_stops_the_whole_daemon(tmp_path: Path) -> None:
