@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from aobd.engine.admission import DEFAULT_LIMIT as DEFAULT_MAX_COMPUTING_RUNS
 from aobd.errors import ConfigError
 from aobd.gctune import DEFAULT_SWITCH_INTERVAL_MS, DEFAULT_THRESHOLDS
 
@@ -201,6 +202,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fidelity: Literal["full", "fast"] = "full"
     #: Node attempts executing at once in this process.
     max_inflight: int = 10_000
+    #: Runs this process computes at once (0: no limit); more new runs wait to start, by priority, and a run
+    #: waiting on a runner, an HTTP call, an approval or a timer does not count (aobd.engine.admission).
+    max_computing_runs: Annotated[int, msgspec.Meta(ge=0)] = DEFAULT_MAX_COMPUTING_RUNS
 
 
 class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

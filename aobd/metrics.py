@@ -142,6 +142,37 @@ class _EventLogCollector:
         ]
 
 
+class _AdmissionCollector:
+    """An engine's admission of new runs (:class:`aobd.engine.admission.Admission`), read at scrape time."""
+
+    def __init__(self, admission: Any) -> None:
+        self._admission = admission
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._admission
+        return [
+            GaugeMetricFamily(
+                "aobd_runs_computing",
+                "Runs holding an admission place: started and not yet waiting on anything outside the process.",
+                value=a.computing,
+            ),
+            GaugeMetricFamily(
+                "aobd_runs_waiting_to_start",
+                "New runs waiting for an admission place ([engine] max_computing_runs), not yet recorded.",
+                value=a.waiting(),
+            ),
+            SummaryMetricFamily(
+                "aobd_run_admission_wait_seconds",
+                "Runs that waited for an admission place before starting: count and total seconds.",
+                count_value=a.admitted_after_wait,
+                sum_value=a.wait_seconds,
+            ),
+        ]
+
+
 class _PlanesCollector:
     """The supervisor's health table (as an orchestrator last received it) as metrics, read at scrape time.
 
@@ -321,6 +352,11 @@ class Metrics:
         self._store_collector = _EventLogCollector(store)
         self.registry.register(self._store_collector)
         return True
+
+    def track_admission(self, admission: Any) -> None:
+        """Export an engine's admission places and waits (``aobd_runs_computing``, ``aobd_runs_waiting_to_start``,
+        ``aobd_run_admission_wait_seconds``), read per scrape."""
+        self.registry.register(_AdmissionCollector(admission))
 
     def track_planes(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Export the multi-process daemon's health table (``aobd_plane_*``), read from ``snapshot`` per scrape."""

@@ -115,7 +115,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, data_dir: Path) -> dict[str, Any]:
+async def run_inprocess(
+    runs: int, concurrency: int, store: str, fidelity: str, data_dir: Path, max_computing_runs: int | None = None
+) -> dict[str, Any]:
     from aobd import _fast
     from aobd.engine.driver import Engine
 
@@ -131,15 +133,20 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
         log = SqliteEventLog(data_dir / "events.db")
         cas = LocalCas(data_dir / "cas")
     engine = Engine(log, cas, fidelity=fidelity)
+    if max_computing_runs is not None:
+        engine.admission.limit = max_computing_runs
     doc = w6_document()
     await engine.run(doc, {"x": 1})  # warm-up: imports, IR compile, first CAS writes
     w6_handlers.STAMPS.clear()
     gate = asyncio.Semaphore(concurrency)
     statuses: list[str] = []
+    latencies: list[float] = []  # ms from a run's start call to its end (waiting for admission included)
 
     async def one() -> None:
         async with gate:
+            since = time.perf_counter()
             summary = await engine.run(doc, {"x": 1})
+            latencies.append((time.perf_counter() - since) * 1000.0)
             statuses.append(summary["status"] if summary["outputs"] == {"x": 20} else "wrong")
 
     metrics = getattr(log, "metrics", None)  # the SQLite log's group commit figures
@@ -169,10 +176,14 @@ async def run_inprocess(runs: int, concurrency: int, store: str, fidelity: str, 
         "impl": _fast.__impl__,
         "runs": runs,
         "concurrency": concurrency,
+        "max_computing_runs": engine.admission.limit,
         "completed": statuses.count("completed"),
         "seconds": round(elapsed, 3),
         "workflows_per_s": round(runs / elapsed, 1),
         "node_executions_per_s": round(6 * runs / elapsed, 1),
+        "run_latency_mean_ms": round(sum(latencies) / len(latencies), 3),
+        "run_latency_p50_ms": round(percentile(latencies, 0.50), 3),
+        "run_latency_p99_ms": round(percentile(latencies, 0.99), 3),
         "hop_p50_ms": round(percentile(hops, 0.50), 3),
         "hop_p99_ms": round(percentile(hops, 0.99), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
@@ -196,7 +207,13 @@ def add_inline_argument(parser: argparse.ArgumentParser) -> None:
 
 
 async def start_bench_daemon(
-    data_dir: Path, fidelity: str, processes: str, inline: str = "auto", orchestrators: int = 0
+    data_dir: Path,
+    fidelity: str,
+    processes: str,
+    inline: str = "auto",
+    orchestrators: int = 0,
+    *,
+    max_computing_runs: int | None = None,
 ) -> Any:
     """A fresh daemon for the HTTP benchmarks, in the process layout ``processes`` names:
 
@@ -207,7 +224,7 @@ async def start_bench_daemon(
     ``inline`` is ``planes.inline_sync_handlers``: "auto" (the daemon's default: the orchestrators run the sync W6
     handlers themselves while each call stays under the budget), "true" or "false" (always on the runner plane);
     ``orchestrators`` is ``planes.orchestrators`` of ``multi-accept`` (the other layouts have one; 0 is the
-    daemon's default, one per CPU).
+    daemon's default, one per CPU); ``max_computing_runs`` is ``engine.max_computing_runs`` (None: the default).
     The benchmark measures the engine, not the limiter; its handlers are its own module.
     """
     from tests.integration.daemon import Daemon, free_port
@@ -220,7 +237,10 @@ async def start_bench_daemon(
     if inline != "auto":
         setting = f"inline_sync_handlers = {inline}\n"
         planes += setting if planes else f"[planes]\n{setting}"
-    config.write_text(f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{planes}')
+    engine = "" if max_computing_runs is None else f"[engine]\nmax_computing_runs = {max_computing_runs}\n"
+    config.write_text(
+        f'[limits]\nrun_starts_per_s = 0\n[security]\nhandler_modules = ["perf.w6_handlers"]\n{engine}{planes}'
+    )
     daemon = Daemon(data_dir, free_port(), config=config, single_process=processes == "single")
     await asyncio.to_thread(daemon.start, extra_env={"AOBD_FIDELITY": fidelity, "AOBD_LOG_LEVEL": "warning"})
     return daemon
@@ -235,12 +255,15 @@ async def run_http(
     processes: str = "single",
     inline: str = "auto",
     orchestrators: int = 0,
+    max_computing_runs: int | None = None,
 ) -> dict[str, Any]:
     import aiohttp
 
     daemon = None
     if url is None:
-        daemon = await start_bench_daemon(data_dir, fidelity, processes, inline, orchestrators)
+        daemon = await start_bench_daemon(
+            data_dir, fidelity, processes, inline, orchestrators, max_computing_runs=max_computing_runs
+        )
         url = daemon.url
     body = json.dumps({"definition": w6_document(), "inputs": {"x": 1}}).encode()
     latencies: list[float] = []
@@ -304,6 +327,7 @@ async def run_h2load(
     inline: str = "auto",
     orchestrators: int = 0,
     streams: int = 4,
+    max_computing_runs: int | None = None,
 ) -> dict[str, Any]:
     """W6 runs started and completed over HTTP/2 (h2c, prior knowledge) by h2load, against a fresh daemon.
 
@@ -314,7 +338,9 @@ async def run_h2load(
 
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
-    daemon = await start_bench_daemon(data_dir, fidelity, processes, inline, orchestrators)
+    daemon = await start_bench_daemon(
+        data_dir, fidelity, processes, inline, orchestrators, max_computing_runs=max_computing_runs
+    )
     root = daemon.proc.pid
     cpu_before = tree_cpu_seconds(root)
     body = data_dir.parent / "w6-body.json"
@@ -358,6 +384,7 @@ async def run_h2load(
         "fidelity": fidelity,
         "runs": runs,
         "concurrency": concurrency * streams,
+        "max_computing_runs": "default" if max_computing_runs is None else max_computing_runs,
         "completed": len(ok),
         "seconds": round(seconds, 3),
         "workflows_per_s": round(len(ok) / seconds, 1),
@@ -447,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="multi-accept: orchestrator processes ([planes] orchestrators; 0, the default: one per CPU, at most 4)",
     )
+    parser.add_argument(
+        "--streams", type=int, default=4, help="http2 mode: concurrent streams per connection (h2load -m)"
+    )
+    parser.add_argument(
+        "--max-computing-runs",
+        type=int,
+        help="[engine] max_computing_runs of the engine or daemon measured (0: no limit; default: the daemon's)",
+    )
     parser.add_argument("--daemons", type=int, default=3, help="cluster mode: how many daemons share the services")
     parser.add_argument(
         "--execution",
@@ -475,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.processes,
                         args.inline,
                         args.orchestrators,
+                        args.streams,
+                        max_computing_runs=args.max_computing_runs,
                     )
                 )
             elif args.mode == "http":
@@ -488,13 +525,18 @@ def main(argv: list[str] | None = None) -> int:
                         args.processes,
                         args.inline,
                         args.orchestrators,
+                        args.max_computing_runs,
                     )
                 )
             else:
                 if not args.default_gc:
                     tune_gc()  # as `aobd run` and the daemon do
                 tune_switch_interval(args.switch_interval_ms)
-                result = runner.run(run_inprocess(args.runs, args.concurrency, args.store, args.fidelity, data_dir))
+                result = runner.run(
+                    run_inprocess(
+                        args.runs, args.concurrency, args.store, args.fidelity, data_dir, args.max_computing_runs
+                    )
+                )
                 result["gc"] = "default" if args.default_gc else "aobd"
                 result["switch_interval_ms"] = round(sys.getswitchinterval() * 1000.0, 3)
     if not args.json:

@@ -176,6 +176,7 @@ class Daemon:
         self.metrics.observe_store(self.service.log)
         self.metrics.track_subscribers(self.hub.subscriber_count)
         self.metrics.queue_depth.set_function(self.service.engine.inflight)
+        self.metrics.track_admission(self.service.engine.admission)
         self.service.engine.listeners.append(self.hub.publish)
         self.metrics_listener = MetricsListener(self.metrics)
         self.service.engine.listeners.append(self.metrics_listener)

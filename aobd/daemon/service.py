@@ -103,6 +103,7 @@ class Service:
             http_allow=list(config.security.http_allow),
             fidelity=config.engine.fidelity,
             max_inflight=config.engine.max_inflight,
+            max_computing_runs=config.engine.max_computing_runs,
             workflow_resolver=self._resolve_workflow,
             webhooks=dict(config.approvals.webhooks),
             handler_modules=list(config.security.handler_modules),

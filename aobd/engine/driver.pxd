@@ -15,6 +15,7 @@ cdef class Engine:
     cdef public object _storing
     cdef public object _timers
     cdef public object _url_guard
+    cdef public object admission
     cdef public object cas
     cdef public object clock
     cdef public object draining

@@ -42,6 +42,8 @@ from aobd.runner.remote import result_of
 from aobd.runner.worker import failure_of
 from aobd.store.protocols import Cas, EventLog, EventRecord, RunIndex
 
+from .admission import DEFAULT_LIMIT as DEFAULT_MAX_COMPUTING_RUNS
+from .admission import Admission
 from .effects import Dispatch, Finished, Step, Wake
 from .inline_policy import InlinePolicy
 from .machine import RunMachine, no_url_check
@@ -81,6 +83,9 @@ class _RunSlot(msgspec.Struct):
     #: to record them is scheduled already.
     completions: list[_Completion] = msgspec.field(default_factory=list)
     completing: bool = False
+    #: Whether the run holds an admission place (see aobd.engine.admission): from its start until it first waits
+    #: on something outside the loop, or ends.
+    admitted: bool = False
 
 
 class Engine:
@@ -102,6 +107,7 @@ class Engine:
         "_storing",
         "_timers",
         "_url_guard",
+        "admission",
         "cas",
         "clock",
         "draining",
@@ -134,6 +140,7 @@ class Engine:
         http_allow: list[str] | None = None,
         workflow_resolver: WorkflowResolver | None = None,
         max_inflight: int = 10_000,
+        max_computing_runs: int = DEFAULT_MAX_COMPUTING_RUNS,
         webhooks: dict[str, str] | None = None,
         handler_modules: list[str] | None = None,
         workspace_policy: Callable[[str], dict[str, Any] | None] | None = None,
@@ -170,6 +177,8 @@ class Engine:
         self.max_inflight = max_inflight
         #: Attempts out through ``dispatch`` (they hold no semaphore slot: this counts them against the limit).
         self._dispatched = 0
+        #: Places for the runs this engine computes at once; new runs wait for one (aobd.engine.admission).
+        self.admission = Admission(max_computing_runs)
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
         #: In a cluster: this daemon's id, recorded on every event it appends (None on a single daemon).
@@ -214,37 +223,49 @@ class Engine:
         url_check: Callable[[str], list[str]] = no_url_check
         if overlays:
             url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
-        machine, step = RunMachine.start(
-            run_id,
-            document,
-            {} if inputs is None else inputs,
-            self.clock(),
-            workspace=workspace,
-            fidelity=self.fidelity,
-            parent_run_id=parent_run_id,
-            parent_node_id=parent_node_id,
-            source_dir=source_dir,
-            ir_cache=self.ir_cache,
-            overlays=overlays or (),
-            replay=replay,
-            known_outputs=known_outputs,
-            url_check=url_check,
-            workspace_policy=workspace_policy
-            if workspace_policy is not None
-            else (self.workspace_policy(workspace) if self.workspace_policy else None),
-            writer=self.writer_id,
-            priority=priority,
-        )
-        slot = _RunSlot(machine)
+        if drive:
+            # Before anything is recorded: a run that waits here has not started, and its events say so.
+            await self.admission.enter(priority)
+        try:
+            machine, step = RunMachine.start(
+                run_id,
+                document,
+                {} if inputs is None else inputs,
+                self.clock(),
+                workspace=workspace,
+                fidelity=self.fidelity,
+                parent_run_id=parent_run_id,
+                parent_node_id=parent_node_id,
+                source_dir=source_dir,
+                ir_cache=self.ir_cache,
+                overlays=overlays or (),
+                replay=replay,
+                known_outputs=known_outputs,
+                url_check=url_check,
+                workspace_policy=workspace_policy
+                if workspace_policy is not None
+                else (self.workspace_policy(workspace) if self.workspace_policy else None),
+                writer=self.writer_id,
+                priority=priority,
+            )
+        except BaseException:
+            if drive:
+                self.admission.leave()
+            raise
+        slot = _RunSlot(machine, admitted=drive)
         if not drive:
             await self._persist(slot, step, first=True)
             return run_id
+        if run_id in self._runs:  # started by another call while this one waited for its place
+            self._give_place(slot)
+            raise ConflictError(f"run {run_id!r} exists already")
         self._runs[run_id] = slot
         async with slot.lock:
             try:
                 await self._persist(slot, step, first=True)
             except BaseException:
                 self._runs.pop(run_id, None)
+                self._give_place(slot)
                 raise
             self._perform(slot, step)
         return run_id
@@ -555,10 +576,20 @@ class Engine:
                 self._arm(slot, effect)
             elif isinstance(effect, Finished):
                 self._finish(slot)
-        if inline and not collect:
-            self._spawn(slot, self._run_inline(slot, inline))
+        if not collect:
+            if inline:
+                self._spawn(slot, self._run_inline(slot, inline))
+            elif slot.admitted:
+                self._give_place(slot)  # what the run does next happens outside the loop
             return []
         return inline
+
+    def _give_place(self, slot: _RunSlot) -> None:
+        """The run stops computing for now (it waits on something outside the loop, or it ended): its admission
+        place goes to the next new run. It never queues again: a run carries on ahead of new ones."""
+        if slot.admitted:
+            slot.admitted = False
+            self.admission.leave()
 
     def _inline_call(self, node: Node) -> InlineCall | None:
         """How to call ``node`` inline, if its handler cannot await and its executor is the in-process default.
@@ -588,6 +619,12 @@ class Engine:
         is unchanged: a node runs only after the step that started it is durable. A handler that returns an
         awaitable after all finishes on the general path.
         """
+        try:
+            await self._run_inline_sets(slot, jobs)
+        finally:
+            self._give_place(slot)
+
+    async def _run_inline_sets(self, slot: _RunSlot, jobs: list[_InlineJob]) -> None:
         while jobs and self._live(slot) and not self.draining:
             async with slot.lock:
                 machine = slot.machine
@@ -726,6 +763,7 @@ class Engine:
         slot = self._runs.pop(run_id, None)
         if slot is None:
             return False
+        self._give_place(slot)
         self._drop_dispatched(slot)
         for task in list(slot.tasks):
             if task is not asyncio.current_task():
@@ -754,6 +792,7 @@ class Engine:
         task.add_done_callback(slot.tasks.discard)
 
     def _finish(self, slot: _RunSlot) -> None:
+        self._give_place(slot)
         if slot.done is None:
             slot.done = asyncio.get_running_loop().create_future()
         if not slot.done.done():

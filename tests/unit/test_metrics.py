@@ -13,6 +13,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from aobd import __version__, _fast
+from aobd.engine.admission import Admission
 from aobd.metrics import OTHER, UNKNOWN, Metrics, MetricsListener, merge_expositions
 from aobd.model import events as ev
 from aobd.store.sqlite_log import GroupCommitMetrics
@@ -294,6 +295,18 @@ def test_gauges_set_by_the_daemon(metrics: Metrics) -> None:
     assert value(metrics, "aobd_stream_subscribers") == 3
     subscribers.pop()
     assert value(metrics, "aobd_stream_subscribers") == 2
+
+
+def test_admission_places_and_waits_are_read_at_scrape_time(metrics: Metrics) -> None:
+    admission = Admission(4)
+    metrics.track_admission(admission)
+    admission.computing, admission.admitted_after_wait, admission.wait_seconds = 4, 10, 0.25
+    assert value(metrics, "aobd_runs_computing") == 4
+    assert value(metrics, "aobd_runs_waiting_to_start") == 0
+    assert value(metrics, "aobd_run_admission_wait_seconds_count") == 10
+    assert value(metrics, "aobd_run_admission_wait_seconds_sum") == 0.25
+    admission.computing = 1
+    assert value(metrics, "aobd_runs_computing") == 1
 
 
 class _Store:

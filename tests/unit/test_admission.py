@@ -1,0 +1,157 @@
+"""Admission of new runs: at most ``max_computing_runs`` runs computing at once, the rest start in order."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aobd.engine.admission import Admission
+from aobd.engine.driver import Engine
+from aobd.model import events as ev
+from aobd.store.memory import MemoryCas, MemoryEventLog
+from tests.conftest import edge, fn, run_async, workflow
+
+CHAIN = workflow([fn("a"), fn("b"), fn("c")], [edge("a", "b"), edge("b", "c")])
+GATED = workflow(
+    [{"id": "gate", "type": "approval", "config": {"assignees": ["ops"]}}, fn("after")], [edge("gate", "after")]
+)
+
+
+async def spin(turns: int = 20) -> None:
+    """Let every ready task run as far as it can."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def test_waiting_runs_start_by_priority_then_in_arrival_order() -> None:
+    async def go() -> list[str]:
+        admission = Admission(1)
+        await admission.enter()  # the only place
+        started: list[str] = []
+
+        async def start(name: str, priority: str) -> None:
+            await admission.enter(priority)
+            started.append(name)
+
+        tasks = []
+        for name, priority in (("low", "low"), ("medium-1", "medium"), ("high", "high"), ("medium-2", "medium")):
+            tasks.append(asyncio.create_task(start(name, priority)))
+            await spin()
+        assert admission.waiting() == 4 and started == []
+        for _ in range(4):
+            admission.leave()
+            await spin()
+        await asyncio.gather(*tasks)
+        assert admission.computing == 1  # each leave handed the place on; the last holder still has it
+        assert admission.admitted_after_wait == 4 and admission.wait_seconds > 0
+        return started
+
+    assert run_async(go()) == ["high", "medium-1", "medium-2", "low"]
+
+
+def test_a_waiter_that_gives_up_holds_no_place() -> None:
+    async def go() -> Admission:
+        admission = Admission(1)
+        await admission.enter()
+        gave_up = asyncio.create_task(admission.enter())
+        handed_then_cancelled = asyncio.create_task(admission.enter())
+        await spin()
+        gave_up.cancel()  # cancelled while waiting
+        await spin()
+        assert admission.waiting() == 1
+        admission.leave()  # hands the place to the second waiter...
+        handed_then_cancelled.cancel()  # ...which gives up before it could run: the place must not be lost
+        for task in (gave_up, handed_then_cancelled):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return admission
+
+    admission = run_async(go())
+    assert admission.computing == 0 and admission.waiting() == 0
+
+
+def test_no_limit_admits_everyone_and_a_negative_one_is_refused() -> None:
+    async def go() -> int:
+        admission = Admission(0)
+        for _ in range(1000):
+            await admission.enter()
+        return admission.computing
+
+    assert run_async(go()) == 1000
+    with pytest.raises(ValueError, match="0 \\(none\\) or more"):
+        Admission(-1)
+
+
+def test_the_engine_computes_at_most_its_limit_of_runs_and_completes_them_all() -> None:
+    in_progress: set[str] = set()
+    most = 0
+
+    def watch(events: list[ev.Event]) -> None:
+        nonlocal most
+        for e in events:
+            if isinstance(e, ev.RunCreated):
+                in_progress.add(e.run_id)
+            elif isinstance(e, ev.RunCompleted):
+                in_progress.discard(e.run_id)
+        most = max(most, len(in_progress))
+
+    async def go() -> list[dict[str, Any]]:
+        eng = Engine(MemoryEventLog(), MemoryCas(), max_computing_runs=2)
+        eng.listeners.append(watch)
+        try:
+            return await asyncio.gather(*(eng.run(CHAIN, {"n": i}) for i in range(8)))
+        finally:
+            await eng.close()
+
+    summaries = run_async(go())
+    assert [s["status"] for s in summaries] == ["completed"] * 8
+    assert all(s["nodes"]["c"]["status"] == "completed" for s in summaries)
+    assert most == 2  # sync-only runs hold their place from their first event to their last
+
+
+def test_a_run_waiting_for_its_place_has_recorded_nothing_and_one_that_gives_up_never_starts() -> None:
+    async def go() -> None:
+        eng = Engine(MemoryEventLog(), MemoryCas(), max_computing_runs=1)
+        try:
+            await eng.admission.enter()  # another run computing
+            waiting = asyncio.create_task(eng.start_run(CHAIN, {}, run_id="r-waits"))
+            abandoned = asyncio.create_task(eng.start_run(CHAIN, {}, run_id="r-abandoned"))
+            await spin()
+            assert eng.admission.waiting() == 2
+            assert await eng.log.get_run("r-waits") is None and await eng.log.read("r-waits") == []
+            abandoned.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await abandoned
+            eng.admission.leave()
+            assert await waiting == "r-waits"
+            assert (await eng.wait("r-waits"))["status"] == "completed"
+            assert await eng.log.get_run("r-abandoned") is None
+            assert eng.admission.computing == 0 and eng.admission.waiting() == 0
+        finally:
+            await eng.close()
+
+    run_async(go())
+
+
+def test_a_run_waiting_on_an_approval_gives_its_place_to_the_next_run() -> None:
+    async def go() -> tuple[str, str]:
+        eng = Engine(MemoryEventLog(), MemoryCas(), max_computing_runs=1)
+        try:
+            gated = await eng.start_run(GATED, {})
+            machine = await eng.load(gated)
+            assert machine.public_status() == "waiting"
+            # With the gate's run still holding the only place, this would wait for ever.
+            after = await asyncio.wait_for(eng.run(CHAIN, {"k": 1}), 5)
+            ticket = machine.nodes["gate"].ticket
+            assert ticket
+            await eng.decide_approval(gated, ticket, "approve", "dana")
+            # A run coming back from its wait carries on without a place (it never queues behind new runs).
+            done = await asyncio.wait_for(eng.wait(gated), 5)
+            assert eng.admission.computing == 0
+            return after["status"], done["status"]
+        finally:
+            await eng.close()
+
+    assert run_async(go()) == ("completed", "completed")
