@@ -205,6 +205,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Runs this process computes at once (0: no limit); more new runs wait to start, by priority, and a run
     #: waiting on a runner, an HTTP call, an approval or a timer does not count (aobd.engine.admission).
     max_computing_runs: Annotated[int, msgspec.Meta(ge=0)] = DEFAULT_MAX_COMPUTING_RUNS
+    #: How long a new run may wait to start before ``POST /v1/runs`` answers 503 (nothing recorded: safe to
+    #: retry). In the planes an accept worker waits this much longer for the orchestrator's answer.
+    start_wait_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5.0
 
 
 class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

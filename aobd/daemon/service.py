@@ -104,6 +104,7 @@ class Service:
             fidelity=config.engine.fidelity,
             max_inflight=config.engine.max_inflight,
             max_computing_runs=config.engine.max_computing_runs,
+            start_wait_s=config.engine.start_wait_s,
             workflow_resolver=self._resolve_workflow,
             webhooks=dict(config.approvals.webhooks),
             handler_modules=list(config.security.handler_modules),

@@ -20,6 +20,8 @@ import time
 from collections import deque
 from typing import Final
 
+from aobd.errors import Unavailable
+
 #: ``[engine] max_computing_runs``: at 64, in-process W6 ran as fast as with no limit (docs/performance.md).
 DEFAULT_LIMIT: Final = 64
 #: From the highest priority to the lowest (``POST /v1/runs`` ``priority``).
@@ -46,9 +48,10 @@ class Admission:
         """Runs waiting for a place now."""
         return sum(len(queue) for queue in self._queues.values())
 
-    async def enter(self, priority: str = "medium") -> None:
+    async def enter(self, priority: str = "medium", timeout_s: float | None = None) -> None:
         """Take a place, waiting for one if every place is taken (or other runs wait already: no overtaking
-        within a priority). Cancelled while waiting, the caller holds no place."""
+        within a priority). Cancelled while waiting, or out of time (:class:`~aobd.errors.Unavailable` after
+        ``timeout_s``), the caller holds no place."""
         if not self.limit or (self.computing < self.limit and not self.waiting()):
             self.computing += 1  # no await: a run admitted at once costs no turn of the loop
             return
@@ -57,7 +60,20 @@ class Admission:
         queue.append(place)
         since = time.perf_counter()
         try:
-            await place
+            if timeout_s is None:
+                await place
+            else:
+                async with asyncio.timeout(timeout_s):
+                    await place
+        except TimeoutError:
+            if place.cancelled():  # otherwise it was handed over just as the time ran out: take it
+                with contextlib.suppress(ValueError):
+                    queue.remove(place)
+                raise Unavailable(
+                    f"{self.computing} runs are computing and {self.waiting()} more wait to start; this one "
+                    f"waited {timeout_s:g} s and was not started (nothing was recorded: retry later)",
+                    details=[{"max_computing_runs": self.limit, "waited_s": timeout_s}],
+                ) from None
         except asyncio.CancelledError:
             if place.cancelled():
                 with contextlib.suppress(ValueError):  # leave() may have dropped it already

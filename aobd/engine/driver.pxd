@@ -30,6 +30,7 @@ cdef class Engine:
     cdef public object max_inflight
     cdef public object rand
     cdef public object record_listeners
+    cdef public object start_wait_s
     cdef public object webhooks
     cdef public object workflow_resolver
     cdef public object workspace_policy

@@ -122,6 +122,7 @@ class Engine:
         "max_inflight",
         "rand",
         "record_listeners",
+        "start_wait_s",
         "webhooks",
         "workflow_resolver",
         "workspace_policy",
@@ -141,6 +142,7 @@ class Engine:
         workflow_resolver: WorkflowResolver | None = None,
         max_inflight: int = 10_000,
         max_computing_runs: int = DEFAULT_MAX_COMPUTING_RUNS,
+        start_wait_s: float | None = None,
         webhooks: dict[str, str] | None = None,
         handler_modules: list[str] | None = None,
         workspace_policy: Callable[[str], dict[str, Any] | None] | None = None,
@@ -179,6 +181,8 @@ class Engine:
         self._dispatched = 0
         #: Places for the runs this engine computes at once; new runs wait for one (aobd.engine.admission).
         self.admission = Admission(max_computing_runs)
+        #: How long a new run may wait for its place before its start is refused (None: as long as it takes).
+        self.start_wait_s = start_wait_s
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
         #: In a cluster: this daemon's id, recorded on every event it appends (None on a single daemon).
@@ -225,7 +229,7 @@ class Engine:
             url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
         if drive:
             # Before anything is recorded: a run that waits here has not started, and its events say so.
-            await self.admission.enter(priority)
+            await self.admission.enter(priority, self.start_wait_s)
         try:
             machine, step = RunMachine.start(
                 run_id,

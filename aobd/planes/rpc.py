@@ -402,7 +402,14 @@ class ServiceProxy:
             while target is not None and self.shard(run_id) != target:
                 run_id = mint_run_id()  # ids are random: about n tries for n orchestrators
         result: dict[str, Any] = await self._on_run(
-            run_id, "start_run", caller, body, wait_s=wait_s, run_id=run_id, timeout_s=self.timeout_s + wait_s
+            run_id,
+            "start_run",
+            caller,
+            body,
+            wait_s=wait_s,
+            run_id=run_id,
+            # The run may wait for its place first: the orchestrator refuses it (503) after start_wait_s.
+            timeout_s=self.timeout_s + self.config.engine.start_wait_s + wait_s,
         )
         return result
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from aobd.api import schemas as s
+from aobd.config import Config, EngineConfig
+from aobd.daemon.service import Caller
 from aobd.engine.admission import Admission
 from aobd.engine.driver import Engine
+from aobd.errors import Unavailable
 from aobd.model import events as ev
 from aobd.store.memory import MemoryCas, MemoryEventLog
-from tests.conftest import edge, fn, run_async, workflow
+from tests.conftest import edge, fn, run_async, started_service, workflow
 
 CHAIN = workflow([fn("a"), fn("b"), fn("c")], [edge("a", "b"), edge("b", "c")])
 GATED = workflow(
@@ -155,3 +161,39 @@ def test_a_run_waiting_on_an_approval_gives_its_place_to_the_next_run() -> None:
             await eng.close()
 
     assert run_async(go()) == ("completed", "completed")
+
+
+def test_a_start_that_waits_too_long_is_refused_with_nothing_recorded() -> None:
+    async def go() -> Admission:
+        admission = Admission(1)
+        await admission.enter()
+        with pytest.raises(Unavailable, match=r"waited 0\.05 s and was not started"):
+            await admission.enter(timeout_s=0.05)
+        return admission
+
+    admission = run_async(go())
+    assert admission.computing == 1 and admission.waiting() == 0
+
+
+def test_the_service_answers_a_start_it_cannot_admit_in_time_with_503_and_a_retry_starts_the_run(
+    tmp_path: Path,
+) -> None:
+    config = Config(data_dir=str(tmp_path), engine=EngineConfig(max_computing_runs=1, start_wait_s=0.05))
+
+    async def main() -> None:
+        async with started_service(config) as service:
+            caller = Caller("default", "write", "test")
+            body = msgspec.convert(
+                {"definition": CHAIN, "inputs": {}, "idempotency_key": "order-7", "priority": "high"}, s.RunStart
+            )
+            await service.engine.admission.enter()  # another run computing
+            with pytest.raises(Unavailable) as refused:
+                await service.start_run(caller, body, wait_s=10)
+            assert refused.value.to_dict()["details"] == [{"max_computing_runs": 1, "waited_s": 0.05}]
+            assert await service.log.list_runs(limit=10) == []
+            service.engine.admission.leave()
+            retried = await service.start_run(caller, body, wait_s=10)
+            assert retried["status"] == "completed"
+            assert [r.run_id for r in await service.log.list_runs(limit=10)] == [retried["run_id"]]
+
+    run_async(main())
