@@ -48,13 +48,22 @@ class Admission:
         """Runs waiting for a place now."""
         return sum(len(queue) for queue in self._queues.values())
 
-    async def enter(self, priority: str = "medium", timeout_s: float | None = None) -> None:
-        """Take a place, waiting for one if every place is taken (or other runs wait already: no overtaking
-        within a priority). Cancelled while waiting, or out of time (:class:`~aobd.errors.Unavailable` after
-        ``timeout_s``), the caller holds no place."""
+    def take(self) -> bool:
+        """Take a place if one is free and no run waits for one already (no overtaking); False otherwise."""
         if not self.limit or (self.computing < self.limit and not self.waiting()):
-            self.computing += 1  # no await: a run admitted at once costs no turn of the loop
-            return
+            self.computing += 1
+            return True
+        return False
+
+    async def enter(self, priority: str = "medium", timeout_s: float | None = None) -> None:
+        """Take a place, waiting for one if :meth:`take` cannot (see :meth:`wait`)."""
+        if not self.take():
+            await self.wait(priority, timeout_s)
+
+    async def wait(self, priority: str = "medium", timeout_s: float | None = None) -> None:
+        """Wait for a place, behind the runs of the same or a higher priority that wait already. Cancelled while
+        waiting, or out of time (:class:`~aobd.errors.Unavailable` after ``timeout_s``), the caller holds no
+        place."""
         queue = self._queues.get(priority, self._queues["medium"])
         place = asyncio.get_running_loop().create_future()
         queue.append(place)

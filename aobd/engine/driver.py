@@ -227,9 +227,9 @@ class Engine:
         url_check: Callable[[str], list[str]] = no_url_check
         if overlays:
             url_check = await self._url_verdicts(PatchProposal(ops=[op for o in overlays for op in o.ops]))
-        if drive:
+        if drive and not self.admission.take():
             # Before anything is recorded: a run that waits here has not started, and its events say so.
-            await self.admission.enter(priority, self.start_wait_s)
+            await self.admission.wait(priority, self.start_wait_s)
         try:
             machine, step = RunMachine.start(
                 run_id,
@@ -624,49 +624,51 @@ class Engine:
         awaitable after all finishes on the general path.
         """
         try:
-            await self._run_inline_sets(slot, jobs)
+            while jobs and self._live(slot) and not self.draining:
+                async with slot.lock:
+                    step = self._call_inline_set(slot, jobs)
+                    await self._persist_live(slot, step)
+                    jobs = self._perform(slot, step, collect=True)
         finally:
-            self._give_place(slot)
+            self._give_place(slot)  # the run's inline sets are over: it waits, or it ended
 
-    async def _run_inline_sets(self, slot: _RunSlot, jobs: list[_InlineJob]) -> None:
-        while jobs and self._live(slot) and not self.draining:
-            async with slot.lock:
-                machine = slot.machine
-                step = Step()
-                policy = self.inline_policy
-                if policy is not None:
-                    # Each handler once (a fan-out's branches often share one), joins not at all (builtin).
-                    policy.entering({job.node.config["handler"] for job, _ in jobs if job.node.type == "function"})
+    def _call_inline_set(self, slot: _RunSlot, jobs: list[_InlineJob]) -> Step:
+        """Call a ready set's handlers back to back (under the run's lock): their outcomes as one step."""
+        machine = slot.machine
+        step = Step()
+        policy = self.inline_policy
+        if policy is not None:
+            # Each handler once (a fan-out's branches often share one), joins not at all (builtin).
+            policy.entering({job.node.config["handler"] for job, _ in jobs if job.node.type == "function"})
+        try:
+            for job, call in jobs:
+                ctx = self._context(machine, job)
+                started = time.perf_counter()
+                failure: Exception | None = None
                 try:
-                    for job, call in jobs:
-                        ctx = self._context(machine, job)
-                        started = time.perf_counter()
-                        failure: Exception | None = None
-                        try:
-                            result = call(job.inputs, ctx)
-                        except Exception as exc:
-                            failure = exc
-                        duration_ms = _ms_since(started)
-                        if policy is not None and job.node.type == "function":
-                            policy.observed(job.node.config["handler"], duration_ms)
-                        if failure is not None:
-                            error, retryable = failure_of(failure, job.node_id, job.attempt, job.timeout_s)
-                            part = self._failed(machine, job, error, retryable, duration_ms)
-                        elif type(result) not in _PLAIN_RESULTS and (
-                            isinstance(result, AgentAnswer) or inspect.isawaitable(result)
-                        ):
-                            self._spawn(slot, self._settle(slot, job, result, started))
-                            continue
-                        else:
-                            part = machine.node_completed(
-                                job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
-                            )
-                        step.extend(part)
-                finally:
-                    if policy is not None:
-                        policy.left()  # whatever the calls did: the marker names only running handlers
-                await self._persist_live(slot, step)
-                jobs = self._perform(slot, step, collect=True)
+                    result = call(job.inputs, ctx)
+                except Exception as exc:
+                    failure = exc
+                duration_ms = _ms_since(started)
+                if policy is not None and job.node.type == "function":
+                    policy.observed(job.node.config["handler"], duration_ms)
+                if failure is not None:
+                    error, retryable = failure_of(failure, job.node_id, job.attempt, job.timeout_s)
+                    part = self._failed(machine, job, error, retryable, duration_ms)
+                elif type(result) not in _PLAIN_RESULTS and (
+                    isinstance(result, AgentAnswer) or inspect.isawaitable(result)
+                ):
+                    self._spawn(slot, self._settle(slot, job, result, started))
+                    continue
+                else:
+                    part = machine.node_completed(
+                        job.node_id, job.attempt, result, self.clock(), duration_ms=duration_ms
+                    )
+                step.extend(part)
+        finally:
+            if policy is not None:
+                policy.left()  # whatever the calls did: the marker names only running handlers
+        return step
 
     def _dispatch(self, slot: _RunSlot, job: Dispatch) -> bool:
         """Send an attempt through an executor that runs it elsewhere and calls back (``dispatch``: the runner
