@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import msgspec
@@ -32,6 +33,7 @@ import structlog
 from aobd.agents.base import AgentAnswer
 from aobd.errors import AobdError, ConflictError, NodeError, NotFound, StoreError, WorkflowInvalid
 from aobd.model import events as ev
+from aobd.model.events import encode_event, event_type
 from aobd.model.ir import IRCache
 from aobd.model.patch import PatchProposal, http_urls
 from aobd.model.workflow import Node
@@ -524,7 +526,8 @@ class Engine:
         if not step.events:
             return
         machine = slot.machine
-        records = [EventRecord(machine.run_id, e.seq, ev.event_type(e), e.ts, ev.encode_event(e)) for e in step.events]
+        run_id = machine.run_id
+        records = [EventRecord(run_id, e.seq, event_type(e), e.ts, encode_event(e)) for e in step.events]
         status = machine.public_status()
         if first:
             index: RunIndex | None = RunIndex(
@@ -643,7 +646,7 @@ class Engine:
         try:
             for job, call in jobs:
                 ctx = self._context(machine, job)
-                started = time.perf_counter()
+                started = perf_counter()
                 failure: Exception | None = None
                 try:
                     result = call(job.inputs, ctx)
@@ -681,7 +684,7 @@ class Engine:
         dispatch = getattr(executor, "dispatch", None)
         if dispatch is None or self._dispatched >= self.max_inflight:
             return False
-        started = time.perf_counter()
+        started = perf_counter()
         job_id = dispatch(
             job.node,
             job.inputs,
@@ -886,7 +889,7 @@ class Engine:
 
     async def _execute(self, slot: _RunSlot, job: Dispatch) -> None:
         ctx = self._context(slot.machine, job)
-        started = time.perf_counter()
+        started = perf_counter()
         async with self._inflight:
             try:
                 async with asyncio.timeout(job.timeout_s):
@@ -1051,7 +1054,7 @@ class Engine:
 
 
 def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000.0
+    return (perf_counter() - started) * 1000.0
 
 
 def descendants(machine: RunMachine, node_id: str) -> set[str]:

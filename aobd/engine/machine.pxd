@@ -2,6 +2,9 @@
 # its own methods instead of through Python's generic attribute lookup (see machine.py's __slots__ comment and
 # docs/performance.md). machine.py stays the only source; this file only declares the fields for Cython.
 
+from aobd.engine.effects cimport Step
+
+
 cdef class RunMachine:
     cdef public object _blobs
     cdef public object _last_patch_routing
@@ -39,11 +42,11 @@ cdef class RunMachine:
     cpdef _route_done(self, node_id)
     cpdef _edge_taken(self, edge)
     cpdef _type_of(self, node_id)
-    cpdef _emit(self, step, event)
-    cpdef _schedule(self, step, ready, now)
-    cpdef _emit_skips(self, step, skipped, now)
-    cpdef _after_routing(self, step, routed, now)
-    cpdef _start_attempt(self, step, node_id, attempt, now)
+    cpdef _emit(self, Step step, event)
+    cpdef _schedule(self, Step step, ready, now)
+    cpdef _emit_skips(self, Step step, skipped, now)
+    cpdef _after_routing(self, Step step, routed, now)
+    cpdef _start_attempt(self, Step step, node_id, attempt, now)
     cpdef _resolve_inputs(self, idx)
-    cpdef _maybe_finish(self, step, now)
-    cpdef _complete_internal(self, step, node_id, output, now)
+    cpdef _maybe_finish(self, Step step, now)
+    cpdef _complete_internal(self, Step step, node_id, output, now)

@@ -24,6 +24,7 @@ from aobd import _fast
 from aobd.errors import AobdError, ExpressionError, NotFound
 from aobd.model import events as ev
 from aobd.model.canonical import canonical_json, sha256_ref, version_of
+from aobd.model.events import INLINE_OUTPUT_MAX, NodeCompleted, NodeScheduled, NodeStarted
 from aobd.model.expr import compile_expr, evaluate, truthy
 from aobd.model.ir import IR, IRCache
 from aobd.model.patch import Judgement, PatchProposal, RunFacts, judge_patch, materialize
@@ -304,14 +305,14 @@ class RunMachine:
         if handler is not None:
             handler(self, event)
 
-    def _on_scheduled(self, e: ev.NodeScheduled) -> None:
+    def _on_scheduled(self, e: NodeScheduled) -> None:
         node = self.nodes[e.node_id]
         node.status = "running"
         node.attempts = e.attempt
         node.wake_at = None
         node.started_at = e.ts
 
-    def _on_started(self, e: ev.NodeStarted) -> None:
+    def _on_started(self, e: NodeStarted) -> None:
         node = self.nodes[e.node_id]
         node.status = "running"
         node.attempts = e.attempt
@@ -319,7 +320,7 @@ class RunMachine:
         node.wake_at = None
         node.started_at = e.ts
 
-    def _on_completed(self, e: ev.NodeCompleted) -> None:
+    def _on_completed(self, e: NodeCompleted) -> None:
         node = self.nodes[e.node_id]
         if e.inline or e.output_ref not in self._blobs:
             output = e.output
@@ -531,7 +532,7 @@ class RunMachine:
         except ExpressionError as exc:
             self._emit(
                 step,
-                ev.NodeScheduled(
+                NodeScheduled(
                     run_id=self.run_id, seq=self.seq + 1, writer=self.writer, ts=now, node_id=node_id, attempt=attempt
                 ),
             )
@@ -542,7 +543,7 @@ class RunMachine:
         if self.fidelity == "full" or spec.type in ("timer", "approval"):
             self._emit(
                 step,
-                ev.NodeScheduled(
+                NodeScheduled(
                     run_id=self.run_id, seq=self.seq + 1, writer=self.writer, ts=now, node_id=node_id, attempt=attempt
                 ),
             )
@@ -551,7 +552,7 @@ class RunMachine:
             step.blobs[inputs_ref] = inputs_bytes
             self._emit(
                 step,
-                ev.NodeStarted(
+                NodeStarted(
                     run_id=self.run_id,
                     seq=self.seq + 1,
                     writer=self.writer,
@@ -672,7 +673,7 @@ class RunMachine:
         data = canonical_json(outputs)
         ref = sha256_ref(data)
         step.blobs[ref] = data
-        inline = outputs if len(data) <= ev.INLINE_OUTPUT_MAX else None
+        inline = outputs if len(data) <= INLINE_OUTPUT_MAX else None
         self._emit(
             step,
             ev.RunCompleted(
@@ -922,12 +923,12 @@ class RunMachine:
         if ref is None:
             ref = sha256_ref(data)
             step.blobs[ref] = data
-        inline = len(data) <= ev.INLINE_OUTPUT_MAX
+        inline = len(data) <= INLINE_OUTPUT_MAX
         if not inline:
             self._blobs = {**self._blobs, ref: output}
         return self._emit(
             step,
-            ev.NodeCompleted(
+            NodeCompleted(
                 run_id=self.run_id,
                 seq=self.seq + 1,
                 writer=self.writer,
@@ -1268,9 +1269,9 @@ def backoff_s(retry: Retry, attempt: int, rand: float) -> float:
 
 
 _FOLD: dict[type, Callable[[RunMachine, Any], None]] = {
-    ev.NodeScheduled: RunMachine._on_scheduled,
-    ev.NodeStarted: RunMachine._on_started,
-    ev.NodeCompleted: RunMachine._on_completed,
+    NodeScheduled: RunMachine._on_scheduled,
+    NodeStarted: RunMachine._on_started,
+    NodeCompleted: RunMachine._on_completed,
     ev.NodeFailed: RunMachine._on_failed,
     ev.NodeSkipped: RunMachine._on_skipped,
     ev.PatchProposed: RunMachine._on_patch_proposed,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aobd.engine import driver, machine
+from aobd.engine import driver, effects, machine
 
 ENGINE = Path(machine.__file__).parent
 
@@ -26,7 +26,9 @@ def _declared(pxd: str) -> tuple[str, set[str], dict[str, list[str]]]:
     return cls, fields, methods
 
 
-@pytest.mark.parametrize(("pxd", "module"), [("machine.pxd", machine), ("driver.pxd", driver)])
+@pytest.mark.parametrize(
+    ("pxd", "module"), [("machine.pxd", machine), ("driver.pxd", driver), ("effects.pxd", effects)]
+)
 def test_the_declared_fields_are_the_slots(pxd: str, module: object) -> None:
     cls, fields, methods = _declared(pxd)
     source_class = getattr(module, cls)
