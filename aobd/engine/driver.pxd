@@ -2,6 +2,9 @@
 # own methods instead of through Python's generic attribute lookup (as machine.pxd does for RunMachine).
 # driver.py stays the only source; this file only declares the fields for Cython.
 
+from aobd.engine.machine cimport RunMachine
+
+
 cdef class Engine:
     cdef public object _agent_jobs
     cdef public object _closed
@@ -36,3 +39,6 @@ cdef class Engine:
     cdef public object workspace_policy
     cdef public object writer_id
 
+    # Per attempt, typed: the machine's fields are read as C fields.
+    cpdef _context(self, RunMachine machine, job)
+    cpdef _services(self, RunMachine machine, node_type)

@@ -296,9 +296,10 @@ class RunMachine:
 
     def apply(self, event: ev.Event) -> None:
         """Fold one event into the state. The only place state changes."""
-        if event.seq != self.seq + 1:
-            raise AobdError(f"run {self.run_id}: event seq {event.seq} does not follow {self.seq}")
-        self.seq = event.seq
+        seq = event.seq
+        if seq != self.seq + 1:
+            raise AobdError(f"run {self.run_id}: event seq {seq} does not follow {self.seq}")
+        self.seq = seq
         self.updated_at = event.ts
         self._routed = _NOTHING_ROUTED
         handler = _FOLD.get(type(event))
