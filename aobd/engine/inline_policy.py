@@ -12,8 +12,9 @@ orchestrator's event loop, and so every run of its shard, while it runs. This po
   replaces one that died reads its predecessor's marker and demotes those handlers before it resumes any run. So a
   hanging handler costs one restart, not a restart loop.
 
-Demotions are shared through a *ledger* the daemon's orchestrators append to and read at start, so a restarted
-orchestrator does not learn the same lesson twice. They last as long as the daemon: the supervisor clears the
+Demotions are shared through a *ledger* the daemon's orchestrators append to, read at start and follow while they
+run (:meth:`InlinePolicy.learn`, every second in the planes), so a sibling or a restarted orchestrator does not
+learn the same lesson again. They last as long as the daemon: the supervisor clears the
 ledger when it starts, so a deploy with fixed handlers starts trusting them again.
 """
 
@@ -36,6 +37,8 @@ class DemotionLedger(Protocol):
     """The daemon's demoted handlers, shared by its orchestrators."""
 
     def record(self, ref: str) -> None: ...
+
+    def read(self) -> set[str]: ...
 
 
 #: ``on_demote(ref, reason, why)``: told once per handler demoted; ``reason`` is "slow" or "died" (the
@@ -91,6 +94,16 @@ class InlinePolicy:
         """An inline call of ``ref`` took ``duration_ms``: over the budget, the handler is demoted."""
         if duration_ms > self.budget_ms and ref not in self.demoted:
             self.demote(ref, "slow", f"an inline call took {duration_ms:.1f} ms (budget {self.budget_ms:g} ms)")
+
+    def learn(self) -> set[str]:
+        """Take up the demotions other orchestrators recorded in the ledger since: their calls are not run
+        inline here either. Not told to ``on_demote`` (the orchestrator that demoted a handler counts it).
+        Returns the refs new to this policy."""
+        if self.ledger is None:
+            return set()
+        new = self.ledger.read() - self.demoted
+        self.demoted |= new
+        return new
 
     def demote(self, ref: str, reason: str, why: str) -> None:
         """Send ``ref``'s attempts to the runner plane from now on (``reason``: "slow" or "died")."""

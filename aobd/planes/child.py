@@ -76,6 +76,23 @@ def _inline_policy(config: Config, index: int, metrics: Metrics) -> InlinePolicy
     return policy
 
 
+#: How often an orchestrator reads the demotion ledger for its siblings' demotions (a file of a few lines).
+DEMOTIONS_FOLLOW_S = 1.0
+
+
+async def _follow_demotions(policy: InlinePolicy, index: int) -> None:
+    """Learn the handlers sibling orchestrators demote while this one runs (see InlinePolicy.learn)."""
+    while True:
+        await asyncio.sleep(DEMOTIONS_FOLLOW_S)
+        try:
+            learned = policy.learn()
+        except OSError as exc:  # the ledger is unreadable this time: the next read may do
+            log.warning("cannot read the inline demotion ledger", error=str(exc), orchestrator=index)
+            continue
+        if learned:
+            log.info("sync handlers demoted by another orchestrator", handlers=sorted(learned), orchestrator=index)
+
+
 async def orchestrator(config: Config, index: int, config_path: str | None) -> int:
     from aobd.daemon.server import Daemon
     from aobd.metrics import merge_expositions
@@ -103,8 +120,10 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     service.engine.executors["function"] = executor
     service.engine.executors["http"] = executor
     service.engine.inline_handlers = config.planes.inline_sync_handlers is not False
+    following: asyncio.Task[None] | None = None
     if config.planes.inline_sync_handlers == "auto":
-        service.engine.inline_policy = _inline_policy(config, index, daemon.metrics)
+        policy = service.engine.inline_policy = _inline_policy(config, index, daemon.metrics)
+        following = asyncio.create_task(_follow_demotions(policy, index))
     link = ChildLink(
         config, "orchestrator", index, want_health=True, on_gone=lambda g: transport.runner_gone(g.index, g.pid)
     )
@@ -148,6 +167,8 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     try:
         return await run
     finally:
+        if following is not None:
+            following.cancel()
         if rpc_server is not None:
             await rpc_server.close()
         if publisher is not None:

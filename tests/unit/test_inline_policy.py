@@ -149,6 +149,21 @@ def test_a_successor_demotes_what_its_predecessor_left_running(tmp_path: Path) -
     assert _inline_policy(config, 1, metrics).demoted == set()
 
 
+def test_a_running_orchestrator_learns_its_siblings_demotions_without_counting_them(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path / "data"))
+    (tmp_path / "data" / "planes").mkdir(parents=True)
+    metrics = Metrics(process_metrics=False)
+    first, second = _inline_policy(config, 0, metrics), _inline_policy(config, 1, metrics)
+    assert second.learn() == set()
+
+    first.observed(SLOW, 50.0)  # demoted by the first orchestrator while the second runs
+    assert second.allows(SLOW)  # not yet read
+    assert second.learn() == {SLOW}
+    assert not second.allows(SLOW) and second.learn() == set()
+    exposition = metrics.render()[0].decode()
+    assert 'aobd_inline_handlers_demoted_total{reason="slow"} 1.0' in exposition  # once, by the one that demoted
+
+
 def test_the_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         InlinePolicy(0)
