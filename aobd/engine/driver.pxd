@@ -2,6 +2,7 @@
 # own methods instead of through Python's generic attribute lookup (as machine.pxd does for RunMachine).
 # driver.py stays the only source; this file only declares the fields for Cython.
 
+from aobd.engine.effects cimport Dispatch
 from aobd.engine.machine cimport RunMachine
 
 
@@ -40,5 +41,5 @@ cdef class Engine:
     cdef public object writer_id
 
     # Per attempt, typed: the machine's fields are read as C fields.
-    cpdef _context(self, RunMachine machine, job)
+    cpdef _context(self, RunMachine machine, Dispatch job)
     cpdef _services(self, RunMachine machine, node_type)

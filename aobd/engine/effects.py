@@ -9,19 +9,26 @@ import msgspec
 from aobd.model.events import Event
 from aobd.model.workflow import Node
 
-# Effects are msgspec Structs: several are made per step, and a dataclass's __init__ is interpreted code (a frozen
-# one's costs ten times as much). Step was one too (1.8% of a W6 run's instructions against a dataclass); it is now
-# an extension type when compiled (see Step).
+# Wake and Finished are msgspec Structs: a dataclass's __init__ is interpreted code (a frozen one's costs ten times
+# as much). Dispatch and Step, made and read for every attempt, are slotted classes that effects.pxd makes extension
+# types when compiled, so typed code reads their fields directly.
 
 
-class Dispatch(msgspec.Struct, frozen=True):
-    """Run one attempt of a node (after the step's events are durable)."""
+class Dispatch:
+    """Run one attempt of a node (after the step's events are durable). A slotted class, an extension type when
+    compiled (effects.pxd), like Step: the engine reads its fields for every attempt."""
 
-    node_id: str
-    attempt: int
-    node: Node
-    inputs: dict[str, Any]
-    timeout_s: float
+    __slots__ = ("attempt", "inputs", "node", "node_id", "timeout_s")
+
+    def __init__(self, node_id: str, attempt: int, node: Node, inputs: dict[str, Any], timeout_s: float) -> None:
+        self.node_id = node_id
+        self.attempt = attempt
+        self.node = node
+        self.inputs = inputs
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return f"Dispatch(node_id={self.node_id!r}, attempt={self.attempt!r}, timeout_s={self.timeout_s!r})"
 
 
 class Wake(msgspec.Struct, frozen=True):

@@ -76,5 +76,8 @@ cdef class RunMachine:
     @cython.locals(node=NodeRun)
     cpdef _start_attempt(self, Step step, node_id, attempt, now)
     cpdef _resolve_inputs(self, idx)
+    # Called by the driver for every step.
+    @cython.locals(node=NodeRun)
+    cpdef public_status(self)
     cpdef _maybe_finish(self, Step step, now)
     cpdef _complete_internal(self, Step step, node_id, output, now)

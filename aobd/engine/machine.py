@@ -354,23 +354,27 @@ class RunMachine:
         node.started_at = e.ts
 
     def _on_completed(self, e: NodeCompleted) -> None:
-        node = self.nodes[e.node_id]
-        if e.inline or e.output_ref not in self._blobs:
+        # Each field of the event read once: an event is a msgspec Struct, each read a generic attribute lookup.
+        node_id, ref, ts = e.node_id, e.output_ref, e.ts
+        node = self.nodes[node_id]
+        if e.inline or ref not in self._blobs:
             output = e.output
         else:
-            output = self._blobs[e.output_ref]
+            output = self._blobs[ref]
         node.status = "completed"
-        node.attempts = max(node.attempts, e.attempt)
+        attempt = e.attempt
+        if attempt > node.attempts:
+            node.attempts = attempt
         node.output = output
-        node.output_ref = e.output_ref
-        node.finished_at = e.ts
+        node.output_ref = ref
+        node.finished_at = ts
         node.wake_at = None
         node.reused_from = e.reused_from
         node.usage = e.usage
         if node.started_at is None:
-            node.started_at = e.ts - e.duration_ms / 1000.0
-        self.context["nodes"][e.node_id] = {"output": output}
-        self._routed = self._route_done(e.node_id)
+            node.started_at = ts - e.duration_ms / 1000.0
+        self.context["nodes"][node_id] = {"output": output}
+        self._routed = self._route_done(node_id)
 
     def _on_failed(self, e: ev.NodeFailed) -> None:
         node = self.nodes[e.node_id]
@@ -1266,8 +1270,11 @@ class RunMachine:
             if status == "running" or status == "retrying":
                 return "running"
             waiting = waiting or status == "waiting"
-        if waiting or any(p.status == "pending" for p in self.patches.values()):
+        if waiting:
             return "waiting"
+        for patch in self.patches.values():  # a loop, not any(): compiled, a cpdef method holds no generator
+            if patch.status == "pending":
+                return "waiting"
         return "running"
 
 
