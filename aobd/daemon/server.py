@@ -61,6 +61,8 @@ _LOGGED = {
     "ApprovalEscalated": "info",
 }
 _LEVELNO = {"info": logging.INFO, "warning": logging.WARNING}
+#: _LOGGED by event class.
+_LOGGED_BY_CLASS = {cls: _LOGGED[tag] for cls, tag in ev.EVENT_TAGS.items() if tag in _LOGGED}
 _IDS = (
     "node_id",
     "patch_id",
@@ -82,10 +84,10 @@ def log_events(events: list[ev.Event]) -> None:
     Node completions stay out of the log (the event log has them; logging them would double the hot path's I/O).
     """
     for event in events:
-        kind = ev.event_type(event)
-        level = _LOGGED.get(kind)
+        level = _LOGGED_BY_CLASS.get(type(event))  # None for most events, found in one probe
         if level is None or not _stdlib_log.isEnabledFor(_LEVELNO[level]):
             continue
+        kind = ev.event_type(event)
         fields = {k: getattr(event, k) for k in _IDS if getattr(event, k, None) not in (None, "", [])}
         getattr(log, level)(kind, run_id=event.run_id, seq=event.seq, **fields)
 

@@ -226,10 +226,10 @@ def decode_event(data: bytes) -> AnyEvent:
 
 def event_type(event: Event) -> str:
     try:
-        return _TAGS[type(event)]
+        return EVENT_TAGS[type(event)]
     except KeyError:  # not one of AnyEvent's classes (a test's own subclass)
         return type(event).__struct_config__.tag  # type: ignore[return-value,unused-ignore]
 
 
 #: Each event class's tag (its type name), by class: a dict probe instead of two attribute lookups per event.
-_TAGS: dict[type, str] = {cls: cls.__struct_config__.tag for cls in get_args(AnyEvent)}
+EVENT_TAGS: dict[type, str] = {cls: cls.__struct_config__.tag for cls in get_args(AnyEvent)}
