@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from aobd.store.owners import OwnerBuffer
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflow_versions (
     workspace TEXT NOT NULL,
@@ -96,7 +98,7 @@ class SqliteMetaStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._pending_refs: set[tuple[str, str]] = set()
+        self._owners = OwnerBuffer()
         self._flush_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -191,9 +193,7 @@ class SqliteMetaStore:
         return await asyncio.to_thread(claim)
 
     def own_refs(self, workspace: str, refs: Iterable[str]) -> None:
-        for ref in refs:
-            self._pending_refs.add((ref, workspace))
-        if self._pending_refs and self._flush_task is None and not self._closed:
+        if self._owners.add(workspace, refs) and self._flush_task is None and not self._closed:
             # One background write per burst of events: ownership is needed only when someone reads a blob.
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -205,14 +205,20 @@ class SqliteMetaStore:
             self._flush_task = None
 
     async def flush_refs(self) -> None:
-        batch, self._pending_refs = list(self._pending_refs), set()
-        if batch:
+        batch = self._owners.take()
+        if not batch:
+            return
+        stored = False
+        try:
             await asyncio.to_thread(
                 self._tx, [("INSERT OR IGNORE INTO cas_owners VALUES (?, ?)", row) for row in batch]
             )
+            stored = True
+        finally:
+            self._owners.done(batch, stored=stored)
 
     async def owns_ref(self, workspace: str, ref: str) -> bool:
-        if (ref, workspace) in self._pending_refs:
+        if self._owners.holds(workspace, ref):
             return True
         rows = await asyncio.to_thread(
             self._run, "SELECT 1 FROM cas_owners WHERE ref = ? AND workspace = ?", (ref, workspace)

@@ -34,6 +34,7 @@ import msgspec
 from aobd.errors import ConflictError, StoreError
 from aobd.store.memory import DEFAULT_STATUS, DEFAULT_WORKSPACE, conflict, settle_append, validate_append
 from aobd.store.meta import WorkflowEntry, WorkflowVersion
+from aobd.store.owners import OwnerBuffer
 from aobd.store.protocols import TERMINAL_STATUSES, EventRecord, RunIndex, RunInfo
 from aobd.store.sqlite_log import GroupCommitMetrics
 
@@ -1045,9 +1046,7 @@ class PostgresMetaStore(_PooledStore):
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4, connect_timeout: float = 10.0) -> None:
         super().__init__(dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout)
-        self._pending_refs: set[tuple[str, str]] = set()
-        # Refs being written by a flush: still owned as far as owns_ref is concerned.
-        self._flushing_refs: set[tuple[str, str]] = set()
+        self._owners = OwnerBuffer()
         self._flush_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -1159,9 +1158,7 @@ class PostgresMetaStore(_PooledStore):
         return str(rows[0][0]) if rows else None
 
     def own_refs(self, workspace: str, refs: Iterable[str]) -> None:
-        for ref in refs:
-            self._pending_refs.add((ref, workspace))
-        if self._pending_refs and self._flush_task is None and not self._closed:
+        if self._owners.add(workspace, refs) and self._flush_task is None and not self._closed:
             # One background write per burst of events: ownership is needed only when someone reads a blob.
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -1176,11 +1173,11 @@ class PostgresMetaStore(_PooledStore):
             self._flush_task = None
 
     async def flush_refs(self) -> None:
-        """Write the refs ``own_refs`` has gathered now."""
-        if not self._pending_refs:
+        """Write the refs ``own_refs`` has gathered now (a failed write keeps them for the next one)."""
+        batch = self._owners.take()
+        if not batch:
             return
-        batch, self._pending_refs = self._pending_refs, set()
-        self._flushing_refs |= batch
+        stored = False
         try:
             refs, workspaces = [ref for ref, _ in batch], [ws for _, ws in batch]
             await self._fetch(
@@ -1188,14 +1185,12 @@ class PostgresMetaStore(_PooledStore):
                 (refs, workspaces),
                 doing=f"recording the owners of {len(batch)} CAS refs",
             )
-        except BaseException:
-            self._pending_refs |= batch  # kept for the next flush
-            raise
+            stored = True
         finally:
-            self._flushing_refs -= batch
+            self._owners.done(batch, stored=stored)
 
     async def owns_ref(self, workspace: str, ref: str) -> bool:
-        if (ref, workspace) in self._pending_refs or (ref, workspace) in self._flushing_refs:
+        if self._owners.holds(workspace, ref):
             return True
         rows = await self._fetch(
             "SELECT 1 FROM cas_owners WHERE ref = %s AND workspace = %s",
@@ -1211,10 +1206,10 @@ class PostgresMetaStore(_PooledStore):
             return
         try:
             # Refs noted while the last flush was running are flushed too (own_refs is still allowed here).
-            while self._flush_task is not None or self._pending_refs:
+            while self._flush_task is not None or self._owners.pending():
                 if self._flush_task is not None:
                     await asyncio.gather(self._flush_task, return_exceptions=True)
-                if self._pending_refs:
+                if self._owners.pending():
                     with contextlib.suppress(StoreError):  # unreachable: nothing more can be kept
                         await self.flush_refs()
                     break
