@@ -48,6 +48,7 @@ __all__ = [
     "MIGRATIONS",
     "NO_PARTITION",
     "SCHEMA_VERSION",
+    "ConcurrentIndex",
     "OutboxEntry",
     "PostgresEventLog",
     "PostgresMetaStore",
@@ -64,10 +65,24 @@ _UNFINISHED = "status NOT IN ({})".format(", ".join(f"'{s}'" for s in sorted(TER
 #: ``outbox_partition_of`` is None): the owner of partition 0 relays it.
 NO_PARTITION: Final = -1
 
-#: Numbered migrations, applied in order by :func:`migrate`; each is a list of statements run in one
-#: transaction. Never edit a released one: append the next. (A future ``CREATE INDEX CONCURRENTLY`` cannot run
-#: in a transaction and would need a flag here.)
-MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
+
+class ConcurrentIndex(msgspec.Struct, frozen=True):
+    """A migration step that builds an index of a table that may be large and in use: ``CREATE INDEX
+    CONCURRENTLY``, outside any transaction, so the daemons running meanwhile keep writing. A build that failed
+    leaves an invalid index behind; the next :func:`migrate` drops it and builds it again."""
+
+    name: str
+    #: What follows ``CREATE INDEX CONCURRENTLY <name>``: ``ON table (columns) [WHERE ...]``.
+    definition: str
+
+
+#: Numbered migrations, applied in order by :func:`migrate`. Each is a list of steps: SQL statements, run
+#: together in one transaction, and :class:`ConcurrentIndex` builds, run alone between them. A migration with
+#: no concurrent build is all one transaction; one with such builds commits its steps in order, so each of its
+#: statements must be safe to run again (``IF NOT EXISTS``, ``IF EXISTS``): a migrate that failed midway is
+#: finished by running it again. Its version is recorded with its last statements. Never change what a released
+#: migration makes: append the next.
+MIGRATIONS: Final[list[tuple[int, str, list[str | ConcurrentIndex]]]] = [
     (
         1,
         "event log, run index, outbox, metadata",
@@ -165,15 +180,16 @@ MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
             # neither murmur2 nor the topic's partition count. A constant default adds the column without
             # rewriting the table, and keeps the column plain (not NULL) so that the planner's statistics and an
             # ordered index scan serve the claim.
-            f"ALTER TABLE outbox ADD COLUMN partition integer NOT NULL DEFAULT {NO_PARTITION}",
+            f"ALTER TABLE outbox ADD COLUMN IF NOT EXISTS partition integer NOT NULL DEFAULT {NO_PARTITION}",
             # A claim walks each of its partitions in id order and stops after `limit` rows, whatever the backlog
             # of the others.
-            "CREATE INDEX outbox_unpublished_by_partition ON outbox (partition, id) WHERE published_at IS NULL",
+            ConcurrentIndex("outbox_unpublished_by_partition", "ON outbox (partition, id) WHERE published_at IS NULL"),
             # The claim's check for earlier unpublished rows of the same run.
-            "CREATE INDEX outbox_unpublished_by_run ON outbox (run_id, id) WHERE published_at IS NULL",
+            ConcurrentIndex("outbox_unpublished_by_run", "ON outbox (run_id, id) WHERE published_at IS NULL"),
             # Every claim names partitions now, so nothing walks all unpublished rows by id any more; an index
-            # costs each append's outbox insert and each mark_published update.
-            "DROP INDEX outbox_unpublished",
+            # costs each append's outbox insert and each mark_published update. Dropped last, once the new ones
+            # serve the older daemons' claims meanwhile.
+            "DROP INDEX IF EXISTS outbox_unpublished",
         ],
     ),
     (
@@ -182,11 +198,11 @@ MIGRATIONS: Final[list[tuple[int, str, list[str]]]] = [
         [
             # Written by a run's first append when the log knows partition_of (a cluster's daemons); NO_PARTITION
             # for runs created before this migration or without it, which every daemon's listing includes (a
-            # backfill could not do better, as for the outbox). Built without CONCURRENTLY, as migration 3's
-            # indexes: an upgrade stops the older daemons first (docs/scaling.md).
-            f"ALTER TABLE runs ADD COLUMN partition integer NOT NULL DEFAULT {NO_PARTITION}",
-            f"CREATE INDEX runs_unfinished_by_partition ON runs (partition, created_at, created_order)"
-            f" WHERE {_UNFINISHED}",
+            # backfill could not do better, as for the outbox).
+            f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS partition integer NOT NULL DEFAULT {NO_PARTITION}",
+            ConcurrentIndex(
+                "runs_unfinished_by_partition", f"ON runs (partition, created_at, created_order) WHERE {_UNFINISHED}"
+            ),
         ],
     ),
 ]
@@ -340,8 +356,11 @@ async def schema_version(conn: AsyncConnection[Any]) -> int:
 async def migrate(dsn: str) -> list[int]:
     """Apply the migrations the database at ``dsn`` lacks; the versions applied, in order ([] if up to date).
 
-    Everything runs in one transaction under an advisory lock, so concurrent calls apply each migration once
-    and a failed migration leaves the schema as it was.
+    One migrate at a time holds an advisory lock, so concurrent calls apply each migration once. A migration
+    without concurrent index builds is one transaction: if it fails, the schema is as it was. One with such builds
+    (:class:`ConcurrentIndex`) commits its steps in order and records its version last: if it fails, running
+    migrate again finishes it. Daemons of the previous version may keep running meanwhile: the builds do not
+    block their writes.
 
     Raises:
         ImportError: psycopg is not installed.
@@ -355,8 +374,8 @@ async def migrate(dsn: str) -> list[int]:
         raise StoreError(f"cannot connect to {where} to migrate it: {exc}") from exc
     applied: list[int] = []
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await _lock_migrations(conn)
+        try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS aobd_schema"
                 " (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -364,16 +383,64 @@ async def migrate(dsn: str) -> list[int]:
             current = await schema_version(conn)
             if current > SCHEMA_VERSION:
                 raise StoreError(_newer_schema(where, current))
-            for number, _, statements in MIGRATIONS[current:]:
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute("INSERT INTO aobd_schema (version) VALUES (%s)", (number,))
+            for number, _, steps in MIGRATIONS[current:]:
+                await _apply_migration(conn, number, steps)
                 applied.append(number)
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a lost connection released it already
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     except psycopg.Error as exc:
-        raise StoreError(f"migrating {where} failed, nothing was changed: {exc}") from exc
+        done = f"versions {applied} were applied" if applied else "no version was applied"
+        raise StoreError(
+            f"migrating {where} failed ({done}): {exc}; running `aobd migrate` again finishes what it started"
+        ) from exc
     finally:
         await conn.close()
     return applied
+
+
+async def _lock_migrations(conn: AsyncConnection[Any]) -> None:
+    """Take the migration lock, for the session. Polled, not waited for: a session blocked in
+    ``pg_advisory_lock`` holds a snapshot, which a ``CREATE INDEX CONCURRENTLY`` of the holder would wait for
+    (a deadlock Postgres would break by failing one of them)."""
+    while True:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        row = await cur.fetchone()
+        if row and row[0]:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _apply_migration(conn: AsyncConnection[Any], number: int, steps: list[str | ConcurrentIndex]) -> None:
+    """Run a migration's statements in transactions between its concurrent builds; record it with the last."""
+    statements: list[str] = []
+    for step in steps:
+        if isinstance(step, ConcurrentIndex):
+            async with conn.transaction():
+                for statement in statements:
+                    await conn.execute(statement)
+            statements = []
+            await _build_concurrently(conn, step)
+        else:
+            statements.append(step)
+    async with conn.transaction():
+        for statement in statements:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO aobd_schema (version) VALUES (%s)", (number,))
+
+
+async def _build_concurrently(conn: AsyncConnection[Any], index: ConcurrentIndex) -> None:
+    cur = await conn.execute(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = %s AND pg_table_is_visible(c.oid)",
+        (index.name,),
+    )
+    row = await cur.fetchone()
+    if row is not None:
+        if row[0]:
+            return  # built by an earlier migrate that failed after it
+        await conn.execute(f"DROP INDEX CONCURRENTLY {index.name}")  # what a failed build left: invalid
+    await conn.execute(f"CREATE INDEX CONCURRENTLY {index.name} {index.definition}")
 
 
 def _newer_schema(where: str, version: int) -> str:

@@ -590,6 +590,40 @@ def test_migration_3_upgrades_an_outbox_whose_rows_are_then_relayed(
     run(lambda: PostgresEventLog(dsn, outbox=True, outbox_partition_of=_partition), body)
 
 
+def test_a_migrate_that_failed_during_its_concurrent_index_builds_is_finished_by_the_next(
+    databases: _Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 3 stopped after its first statement and its first index, with its second index left invalid
+    (what a failed ``CREATE INDEX CONCURRENTLY`` leaves): migrate again builds what is missing or invalid, keeps
+    what is built, and records the version."""
+    dsn = databases.create()
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:2])
+    assert asyncio.run(migrate(dsn)) == [1, 2]
+    monkeypatch.undo()
+    _sql(dsn, f"ALTER TABLE outbox ADD COLUMN partition integer NOT NULL DEFAULT {NO_PARTITION}")
+    _sql(dsn, "CREATE INDEX outbox_unpublished_by_partition ON outbox (partition, id) WHERE published_at IS NULL")
+    built = _sql(dsn, "SELECT 'outbox_unpublished_by_partition'::regclass::oid")
+    _sql(dsn, "CREATE INDEX outbox_unpublished_by_run ON outbox (run_id, id) WHERE published_at IS NULL")
+    _sql(dsn, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'outbox_unpublished_by_run'::regclass")
+
+    assert asyncio.run(migrate(dsn)) == [3, 4]
+    valid = dict(
+        _sql(
+            dsn,
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname IN ('outbox_unpublished_by_partition', 'outbox_unpublished_by_run',"
+            " 'runs_unfinished_by_partition', 'outbox_unpublished')",
+        )
+    )
+    assert valid == {
+        "outbox_unpublished_by_partition": True,
+        "outbox_unpublished_by_run": True,
+        "runs_unfinished_by_partition": True,
+    }
+    assert _sql(dsn, "SELECT 'outbox_unpublished_by_partition'::regclass::oid") == built  # kept, not rebuilt
+    assert _sql(dsn, "SELECT max(version) FROM aobd_schema") == [(SCHEMA_VERSION,)]
+
+
 def test_migrate_cli(pg_dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     assert migrate_cli.main(["--dsn", pg_dsn]) == 0
     assert f"schema is up to date (version {SCHEMA_VERSION})" in capsys.readouterr().out
