@@ -119,6 +119,7 @@ async def run_inprocess(
     runs: int, concurrency: int, store: str, fidelity: str, data_dir: Path, max_computing_runs: int | None = None
 ) -> dict[str, Any]:
     from aobd import _fast
+    from aobd.engine.admission import DEFAULT_LIMIT
     from aobd.engine.driver import Engine
 
     if store == "memory":
@@ -132,9 +133,8 @@ async def run_inprocess(
 
         log = SqliteEventLog(data_dir / "events.db")
         cas = LocalCas(data_dir / "cas")
-    engine = Engine(log, cas, fidelity=fidelity)
-    if max_computing_runs is not None:
-        engine.admission.limit = max_computing_runs
+    limit = DEFAULT_LIMIT if max_computing_runs is None else max_computing_runs
+    engine = Engine(log, cas, fidelity=fidelity, max_computing_runs=limit)
     doc = w6_document()
     await engine.run(doc, {"x": 1})  # warm-up: imports, IR compile, first CAS writes
     w6_handlers.STAMPS.clear()

@@ -55,11 +55,6 @@ class Admission:
             return True
         return False
 
-    async def enter(self, priority: str = "medium", timeout_s: float | None = None) -> None:
-        """Take a place, waiting for one if :meth:`take` cannot (see :meth:`wait`)."""
-        if not self.take():
-            await self.wait(priority, timeout_s)
-
     async def wait(self, priority: str = "medium", timeout_s: float | None = None) -> None:
         """Wait for a place, behind the runs of the same or a higher priority that wait already. Cancelled while
         waiting, or out of time (:class:`~aobd.errors.Unavailable` after ``timeout_s``), the caller holds no

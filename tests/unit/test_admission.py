@@ -34,11 +34,11 @@ async def spin(turns: int = 20) -> None:
 def test_waiting_runs_start_by_priority_then_in_arrival_order() -> None:
     async def go() -> list[str]:
         admission = Admission(1)
-        await admission.enter()  # the only place
+        assert admission.take()  # the only place
         started: list[str] = []
 
         async def start(name: str, priority: str) -> None:
-            await admission.enter(priority)
+            await admission.wait(priority)
             started.append(name)
 
         tasks = []
@@ -60,9 +60,9 @@ def test_waiting_runs_start_by_priority_then_in_arrival_order() -> None:
 def test_a_waiter_that_gives_up_holds_no_place() -> None:
     async def go() -> Admission:
         admission = Admission(1)
-        await admission.enter()
-        gave_up = asyncio.create_task(admission.enter())
-        handed_then_cancelled = asyncio.create_task(admission.enter())
+        assert admission.take()
+        gave_up = asyncio.create_task(admission.wait())
+        handed_then_cancelled = asyncio.create_task(admission.wait())
         await spin()
         gave_up.cancel()  # cancelled while waiting
         await spin()
@@ -82,7 +82,7 @@ def test_no_limit_admits_everyone_and_a_negative_one_is_refused() -> None:
     async def go() -> int:
         admission = Admission(0)
         for _ in range(1000):
-            await admission.enter()
+            assert admission.take()
         return admission.computing
 
     assert run_async(go()) == 1000
@@ -121,7 +121,7 @@ def test_a_run_waiting_for_its_place_has_recorded_nothing_and_one_that_gives_up_
     async def go() -> None:
         eng = Engine(MemoryEventLog(), MemoryCas(), max_computing_runs=1)
         try:
-            await eng.admission.enter()  # another run computing
+            assert eng.admission.take()  # another run computing
             waiting = asyncio.create_task(eng.start_run(CHAIN, {}, run_id="r-waits"))
             abandoned = asyncio.create_task(eng.start_run(CHAIN, {}, run_id="r-abandoned"))
             await spin()
@@ -166,9 +166,10 @@ def test_a_run_waiting_on_an_approval_gives_its_place_to_the_next_run() -> None:
 def test_a_start_that_waits_too_long_is_refused_with_nothing_recorded() -> None:
     async def go() -> Admission:
         admission = Admission(1)
-        await admission.enter()
+        assert admission.take()
+        assert not admission.take()  # full
         with pytest.raises(Unavailable, match=r"waited 0\.05 s and was not started"):
-            await admission.enter(timeout_s=0.05)
+            await admission.wait(timeout_s=0.05)
         return admission
 
     admission = run_async(go())
@@ -186,7 +187,7 @@ def test_the_service_answers_a_start_it_cannot_admit_in_time_with_503_and_a_retr
             body = msgspec.convert(
                 {"definition": CHAIN, "inputs": {}, "idempotency_key": "order-7", "priority": "high"}, s.RunStart
             )
-            await service.engine.admission.enter()  # another run computing
+            assert service.engine.admission.take()  # another run computing
             with pytest.raises(Unavailable) as refused:
                 await service.start_run(caller, body, wait_s=10)
             assert refused.value.to_dict()["details"] == [{"max_computing_runs": 1, "waited_s": 0.05}]
