@@ -86,8 +86,22 @@ def _chunked(width: int, make: Callable[[str], str]) -> Chunked:
     return Chunked(width, [(size, make(", ".join([row] * size))) for size in (_CHUNK, 64, 16, 4, 1)])
 
 
-INSERT_EVENTS: Final = _chunked(5, lambda rows: f"INSERT INTO events (run_id, seq, type, ts, data) VALUES {rows}")
+def _insert_events(rows: str) -> str:
+    return f"INSERT INTO events (run_id, seq, type, ts, data) VALUES {rows}"
+
+
+INSERT_EVENTS: Final = _chunked(5, _insert_events)
 INSERT_EVENT: Final = INSERT_EVENTS.one_row
+#: The C writer inserts an append's events with one statement of up to this many rows (an append of W6 has one to
+#: four): each statement's step and reset cost more than its rows.
+EVENT_ROWS_MAX: Final = 8
+
+
+def insert_events_sql(rows: int) -> str:
+    """The events insert with ``rows`` rows of parameters (run_id, seq, type, ts, data each)."""
+    return _insert_events(", ".join(["(?, ?, ?, ?, ?)"] * rows))
+
+
 INSERT_NEW_RUNS: Final = _chunked(
     8, lambda rows: f"INSERT INTO runs ({RUN_COLUMNS}) VALUES {rows} ON CONFLICT (run_id) DO NOTHING"
 )

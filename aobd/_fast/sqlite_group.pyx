@@ -42,10 +42,11 @@ import sqlite3
 from aobd._fast._py_sqlite_group import (
     ADVANCE_RUN,
     ADVANCE_SEQ,
-    INSERT_EVENT,
+    EVENT_ROWS_MAX,
     INSERT_NEW_RUN,
     SELECT_LAST,
     GroupDone,
+    insert_events_sql,
     leaves_index,
     new_run_row,
 )
@@ -179,12 +180,23 @@ cdef enum:  # statement slots of Conn.stmts (anonymous: plain ints, usable as in
     S_SAVEPOINT
     S_RELEASE
     S_ROLLBACK_TO
-    S_INSERT_EVENT
     S_INSERT_NEW_RUN
     S_ADVANCE_SEQ
     S_ADVANCE_RUN
     S_SELECT_LAST
+    S_INSERT_EVENTS  # the events insert of 1 row; that of k rows is S_INSERT_EVENTS + k - 1 (k <= EVENT_ROWS)
+    S_INSERT_EVENTS_2
+    S_INSERT_EVENTS_3
+    S_INSERT_EVENTS_4
+    S_INSERT_EVENTS_5
+    S_INSERT_EVENTS_6
+    S_INSERT_EVENTS_7
+    S_INSERT_EVENTS_8
     N_STMTS
+
+
+cdef enum:
+    EVENT_ROWS = 8  # the reference's EVENT_ROWS_MAX (checked when a writer opens)
 
 
 cdef struct Conn:
@@ -414,16 +426,28 @@ cdef int _apply(Conn* conn, Pending* p) noexcept nogil:
         p.last_seq = sqlite3_column_int64(stmt, 0) if rc == SQLITE_ROW else 0
         sqlite3_reset(stmt)
         return SQLITE_OK if rc == SQLITE_ROW or rc == SQLITE_DONE else rc
-    stmt = conn.stmts[S_INSERT_EVENT]
-    for i in range(p.n_records):
-        _bind_text(stmt, 1, p.run_id)
-        sqlite3_bind_int64(stmt, 2, p.records[i].seq)
-        _bind_text(stmt, 3, p.records[i].type)
-        sqlite3_bind_double(stmt, 4, p.records[i].ts)
-        sqlite3_bind_blob(stmt, 5, p.records[i].data.ptr, p.records[i].data.size, SQLITE_STATIC)
+    # An append's events in as few statements as there are chunks of EVENT_ROWS_MAX: a statement's step and reset
+    # (its registers cleared, its cursors closed) cost more than inserting its rows.
+    cdef int j, k, col
+    cdef Record* r
+    i = 0
+    while i < p.n_records:
+        k = p.n_records - i
+        if k > EVENT_ROWS:
+            k = EVENT_ROWS
+        stmt = conn.stmts[S_INSERT_EVENTS + k - 1]
+        for j in range(k):
+            r = &p.records[i + j]
+            col = 5 * j
+            _bind_text(stmt, col + 1, p.run_id)
+            sqlite3_bind_int64(stmt, col + 2, r.seq)
+            _bind_text(stmt, col + 3, r.type)
+            sqlite3_bind_double(stmt, col + 4, r.ts)
+            sqlite3_bind_blob(stmt, col + 5, r.data.ptr, r.data.size, SQLITE_STATIC)
         rc = _done(stmt)
         if rc != SQLITE_OK:
             return rc
+        i += k
     return SQLITE_OK
 
 
@@ -573,13 +597,13 @@ cdef class GroupWriter:
                 "SAVEPOINT append",
                 "RELEASE append",
                 "ROLLBACK TO append",
-                INSERT_EVENT,
                 INSERT_NEW_RUN,
                 ADVANCE_SEQ,
                 ADVANCE_RUN,
                 SELECT_LAST,
+                *(insert_events_sql(rows) for rows in range(1, EVENT_ROWS_MAX + 1)),
             ]
-            assert len(sql) == N_STMTS
+            assert EVENT_ROWS_MAX == EVENT_ROWS and len(sql) == N_STMTS
             self._keep = [s.encode() for s in sql]
             for i, text in enumerate(self._keep):
                 if sqlite3_prepare_v2(self.conn.db, text, -1, &self.conn.stmts[i], NULL) != SQLITE_OK:
