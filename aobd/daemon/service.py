@@ -577,6 +577,12 @@ class Service:
             planes={
                 "mode": "single-process",
                 "inflight": self.engine.inflight(),
+                # This process's runs computing and waiting to start ([engine] max_computing_runs).
+                "admission": {
+                    "limit": self.engine.admission.limit,
+                    "computing": self.engine.admission.computing,
+                    "waiting": self.engine.admission.waiting(),
+                },
                 **(self.planes_status() if self.planes_status is not None else {}),
                 **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
             },

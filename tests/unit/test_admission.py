@@ -188,6 +188,14 @@ def test_the_service_answers_a_start_it_cannot_admit_in_time_with_503_and_a_retr
                 {"definition": CHAIN, "inputs": {}, "idempotency_key": "order-7", "priority": "high"}, s.RunStart
             )
             assert service.engine.admission.take()  # another run computing
+            waiting = asyncio.create_task(service.start_run(caller, body, wait_s=10))
+            for _ in range(1000):  # the start claims its idempotency key in a thread first
+                if service.engine.admission.waiting():
+                    break
+                await asyncio.sleep(0.005)
+            assert service.status("test").planes["admission"] == {"limit": 1, "computing": 1, "waiting": 1}
+            with pytest.raises(Unavailable):
+                await waiting
             with pytest.raises(Unavailable) as refused:
                 await service.start_run(caller, body, wait_s=10)
             assert refused.value.to_dict()["details"] == [{"max_computing_runs": 1, "waited_s": 0.05}]
