@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 from aobd.errors import Unavailable
@@ -97,3 +98,15 @@ class Admission:
                     place.set_result(None)  # the place passes on: ``computing`` stays
                     return
         self.computing -= 1
+
+    def refuse_waiting(self, error: Callable[[], Exception]) -> int:
+        """Fail every waiting run's start with an ``error()`` of its own (the engine is draining: a run that has
+        not started must not start now); the number refused."""
+        refused = 0
+        for queue in self._queues.values():
+            while queue:
+                place = queue.popleft()
+                if not place.done():
+                    place.set_exception(error())
+                    refused += 1
+        return refused

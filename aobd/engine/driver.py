@@ -31,7 +31,15 @@ import orjson
 import structlog
 
 from aobd.agents.base import AgentAnswer
-from aobd.errors import AobdError, ConflictError, NodeError, NotFound, StoreError, WorkflowInvalid
+from aobd.errors import (
+    AobdError,
+    ConflictError,
+    NodeError,
+    NotFound,
+    StoreError,
+    Unavailable,
+    WorkflowInvalid,
+)
 from aobd.model import events as ev
 from aobd.model.events import encode_event, event_type
 from aobd.model.ir import IRCache
@@ -431,8 +439,10 @@ class Engine:
         return sum(len(slot.tasks) for slot in self._runs.values()) + self._dispatched
 
     async def drain(self, grace_s: float) -> bool:
-        """Stop dispatching and wait up to ``grace_s`` for in-flight attempts; True if all finished in time."""
+        """Stop dispatching and wait up to ``grace_s`` for in-flight attempts; True if all finished in time. Runs
+        still waiting for an admission place are refused: they never started."""
         self.draining = True
+        self.admission.refuse_waiting(lambda: Unavailable("the daemon is draining; this run was not started (retry)"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         # Finishing attempts may spawn short follow-up tasks (their commits, wakes), so wait in rounds. Dispatched

@@ -206,3 +206,23 @@ def test_the_service_answers_a_start_it_cannot_admit_in_time_with_503_and_a_retr
             assert [r.run_id for r in await service.log.list_runs(limit=10)] == [retried["run_id"]]
 
     run_async(main())
+
+
+def test_a_draining_engine_refuses_the_runs_waiting_to_start() -> None:
+    async def go() -> None:
+        eng = Engine(MemoryEventLog(), MemoryCas(), max_computing_runs=1)
+        try:
+            assert eng.admission.take()  # a run computing
+            waiting = [asyncio.create_task(eng.start_run(CHAIN, {}, run_id=f"r-{i}")) for i in range(2)]
+            await spin()
+            assert eng.admission.waiting() == 2
+            assert await eng.drain(1.0)
+            for task in waiting:
+                with pytest.raises(Unavailable, match="draining"):
+                    await task
+            assert [await eng.log.get_run(f"r-{i}") for i in range(2)] == [None, None]
+            assert eng.admission.waiting() == 0 and eng.admission.computing == 1  # the computing run keeps its place
+        finally:
+            await eng.close()
+
+    run_async(go())
