@@ -76,6 +76,8 @@ cdef class RunMachine:
     @cython.locals(node=NodeRun)
     cpdef _start_attempt(self, Step step, node_id, attempt, now)
     cpdef _resolve_inputs(self, idx)
+    @cython.locals(node=NodeRun)
+    cpdef _node_summaries(self)
     # Called by the driver for every step.
     @cython.locals(node=NodeRun)
     cpdef public_status(self)

@@ -1225,21 +1225,7 @@ class RunMachine:
 
     def summary(self, *, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The run summary of DESIGN.md section 8."""
-        nodes: dict[str, dict[str, Any]] = {}
-        for nid, n in self.nodes.items():
-            status = n.status
-            entry: dict[str, Any] = {
-                "status": "running" if status == "retrying" else status,
-                "attempts": n.attempts,
-                "output": n.output,
-            }
-            # Set, not merged from conditional dicts: two temporary dicts and two merges per node cost about 1% of
-            # a W6 run (perf.instructions).
-            if n.error:
-                entry["error"] = n.error
-            if n.reused_from:
-                entry["reused_from"] = n.reused_from
-            nodes[nid] = entry
+        nodes = self._node_summaries()
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "workflow": self.workflow_name,
@@ -1259,6 +1245,25 @@ class RunMachine:
         if events is not None:
             out["events"] = events
         return out
+
+    def _node_summaries(self) -> dict[str, dict[str, Any]]:
+        """Each node's part of the summary (apart from :meth:`summary`: compiled, its NodeRun is typed)."""
+        nodes: dict[str, dict[str, Any]] = {}
+        for nid, node in self.nodes.items():
+            status = node.status
+            entry: dict[str, Any] = {
+                "status": "running" if status == "retrying" else status,
+                "attempts": node.attempts,
+                "output": node.output,
+            }
+            # Set, not merged from conditional dicts: two temporary dicts and two merges per node cost about 1% of
+            # a W6 run (perf.instructions).
+            if node.error:
+                entry["error"] = node.error
+            if node.reused_from:
+                entry["reused_from"] = node.reused_from
+            nodes[nid] = entry
+        return nodes
 
     def public_status(self) -> str:
         if self.status != "running":
