@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.processes,
                         args.inline,
                         args.orchestrators,
-                        args.max_computing_runs,
+                        max_computing_runs=args.max_computing_runs,
                     )
                 )
             else:
@@ -534,7 +534,12 @@ def main(argv: list[str] | None = None) -> int:
                 tune_switch_interval(args.switch_interval_ms)
                 result = runner.run(
                     run_inprocess(
-                        args.runs, args.concurrency, args.store, args.fidelity, data_dir, args.max_computing_runs
+                        args.runs,
+                        args.concurrency,
+                        args.store,
+                        args.fidelity,
+                        data_dir,
+                        max_computing_runs=args.max_computing_runs,
                     )
                 )
                 result["gc"] = "default" if args.default_gc else "aobd"

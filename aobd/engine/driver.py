@@ -551,12 +551,12 @@ class Engine:
             # cheaper in SQLite (it need not touch the status indexes), and most steps do not change it.
             index = RunIndex(status=status) if status != slot.indexed_status else None
         slot.indexed_status = None  # unknown until this append is known to have committed
-        await self.log.append(machine.run_id, records, index=index)
+        await self.log.append(run_id, records, index=index)
         slot.indexed_status = status
         for listener in self.listeners:
             listener(step.events)
         for forward in self.record_listeners:
-            forward(machine.run_id, records)
+            forward(run_id, records)
 
     async def _commit(self, slot: _RunSlot, step: Step) -> None:
         """Persist a step of a live run and perform its effects; on failure, resync the machine with the log."""

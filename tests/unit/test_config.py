@@ -116,3 +116,14 @@ def test_the_switch_interval_applies_and_zero_leaves_it_alone(tmp_path: Path) ->
         assert load_config(None, env={}).daemon.switch_interval_ms == 1.0  # the default aobd's processes use
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_engine_section_defaults_are_the_engines_own() -> None:
+    """The engine's limits are literals in both places (the config must not import the engine, which imports
+    asyncio); a run through the library and one through the daemon get the same limits."""
+    from aobd.engine.driver import Engine
+    from aobd.store.memory import MemoryCas, MemoryEventLog
+
+    engine = Engine(MemoryEventLog(), MemoryCas())
+    assert Config().engine.max_inflight == engine.max_inflight
+    assert Config().engine.max_computing_runs == engine.admission.limit
