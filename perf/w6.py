@@ -94,6 +94,27 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(process_cpu_seconds(pid) for pid in _tree(root))
 
 
+def plane_of(pid: int) -> str:
+    """Which part of a daemon a process is: its plane's role (``python -m aobd.planes.child ROLE INDEX``), or
+    "supervisor" for any other process of the tree (the supervisor, or a single-process daemon)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    if b"aobd.planes.child" in argv:
+        return argv[argv.index(b"aobd.planes.child") + 1].decode()
+    return "supervisor"
+
+
+def tree_cpu_by_plane(root: int) -> dict[str, float]:
+    """CPU time (user + system) of a process tree, summed by :func:`plane_of`."""
+    split: dict[str, float] = {}
+    for pid in _tree(root):
+        plane = plane_of(pid)
+        split[plane] = split.get(plane, 0.0) + process_cpu_seconds(pid)
+    return split
+
+
 def tree_peak_rss_mb(root: int) -> float:
     """The sum of every process's peak RSS (VmHWM) in a process tree."""
     total_kb = 0
@@ -342,7 +363,7 @@ async def run_h2load(
         data_dir, fidelity, processes, inline, orchestrators, max_computing_runs=max_computing_runs
     )
     root = daemon.proc.pid
-    cpu_before = tree_cpu_seconds(root)
+    cpu_before = tree_cpu_by_plane(root)
     body = data_dir.parent / "w6-body.json"
     body.write_text(json.dumps({"definition": w6_document(), "inputs": {"x": 1}}))
     log_file = data_dir.parent / "h2load.log"
@@ -366,13 +387,15 @@ async def run_h2load(
             stderr=asyncio.subprocess.STDOUT,
         )
         out = (await proc.communicate())[0].decode()
-        daemon_cpu = tree_cpu_seconds(root) - cpu_before
+        cpu_after = tree_cpu_by_plane(root)
         daemon_rss = tree_peak_rss_mb(root)
         hops = await _sampled_hops(daemon.url, runs)
     finally:
         await asyncio.to_thread(daemon.stop)
     rows = [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()]
     ok = [r for r in rows if r[1].startswith("2")]
+    per_node = 1e6 / (6 * max(1, len(ok)))  # CPU seconds -> ms per 1,000 node executions
+    by_plane = {plane: (cpu_after[plane] - cpu_before.get(plane, 0.0)) * per_node for plane in sorted(cpu_after)}
     latencies = [int(r[2]) / 1000.0 for r in ok]
     seconds = _h2load_seconds(out)
     return {
@@ -395,7 +418,9 @@ async def run_h2load(
         "hop_p50_ms": round(percentile(hops, 0.5), 3) if hops else None,
         "hop_p99_ms": round(percentile(hops, 0.99), 3) if hops else None,
         "peak_rss_mb": daemon_rss,
-        "cpu_ms_per_1000_nodes": round(daemon_cpu * 1000.0 / (6 * max(1, len(ok))) * 1000.0, 1),
+        "cpu_ms_per_1000_nodes": round(sum(by_plane.values()), 1),
+        # Where that CPU went, by plane (a restarted child's CPU before the restart is not counted).
+        "cpu_ms_per_1000_nodes_by_plane": {plane: round(ms, 1) for plane, ms in by_plane.items()},
     }
 
 

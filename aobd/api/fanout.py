@@ -15,10 +15,19 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from aobd.model.events import Event
 
-__all__ = ["FanoutHub", "Lagged", "Subscription"]
+__all__ = ["FanoutHub", "Lagged", "RunTracker", "Subscription"]
+
+
+class RunTracker(Protocol):
+    """Follows which runs a hub has subscriptions to (see ``FanoutHub(tracker=...)``)."""
+
+    def watch(self, run_id: str) -> None: ...
+
+    def unwatch(self, run_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +162,16 @@ class FanoutHub:
     Args:
         buffer_size: Events a subscription may hold unread before it is cut off as lagged. Bounds the memory
             a slow client can pin (about ``buffer_size`` events per subscriber).
+        tracker: Told when a run gains its first subscription (before :meth:`subscribe` returns, so before the
+            stream reads the log) and when it loses its last: an accept worker's
+            :class:`~aobd.planes.watched.WatchedRuns`, which lets the orchestrators publish only watched runs.
     """
 
-    def __init__(self, buffer_size: int = 1024) -> None:
+    def __init__(self, buffer_size: int = 1024, *, tracker: RunTracker | None = None) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, not {buffer_size}")
         self.buffer_size = buffer_size
+        self.tracker = tracker
         self._runs: dict[str, set[Subscription]] = {}
         self._count = 0
         self._closed = False
@@ -191,7 +204,12 @@ class FanoutHub:
         if self._closed:
             subscription._end()
             return subscription
-        self._runs.setdefault(run_id, set()).add(subscription)
+        subscribers = self._runs.get(run_id)
+        if subscribers is None:
+            subscribers = self._runs[run_id] = set()
+            if self.tracker is not None:
+                self.tracker.watch(run_id)
+        subscribers.add(subscription)
         self._count += 1
         return subscription
 
@@ -218,3 +236,5 @@ class FanoutHub:
         self._count -= 1
         if not subscribers:
             del self._runs[subscription.run_id]
+            if self.tracker is not None:
+                self.tracker.unwatch(subscription.run_id)

@@ -28,6 +28,7 @@ from aobd.planes import paths
 from aobd.planes.fanout import FanoutSubscriber
 from aobd.planes.health import ChildLink, planes_ready
 from aobd.planes.rpc import ServiceProxy
+from aobd.planes.watched import WatchedRuns
 from aobd.store.factory import open_stores
 
 __all__ = ["main", "serve"]
@@ -62,13 +63,15 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     stores = await open_stores(config)
     proxy = ServiceProxy(config, log=stores.log)
-    hub = FanoutHub(buffer_size=config.api.stream_buffer)
+    paths.ensure_socket_dir(config)
+    # Which runs this worker's streams follow, for the orchestrators: they publish only those.
+    watched = WatchedRuns(paths.watched_runs(config, index))
+    hub = FanoutHub(buffer_size=config.api.stream_buffer, tracker=watched)
     subscriber = FanoutSubscriber(config, hub)
     metrics = Metrics()
     metrics.track_subscribers(hub.subscriber_count)
     # ServiceProxy has the Service's call surface (tests/unit/test_planes_rpc.py compares the signatures); the
     # cast keeps Api typed against the real Service instead of a protocol listing forty members.
-    paths.ensure_socket_dir(config)
     limiter = make_limiter(config, shared_path=paths.rate_limits(config))  # one budget for all accept workers
     api = Api(cast(Service, proxy), listen=config.api.listen, hub=hub, metrics=metrics, limiter=limiter)
     if owns_signals:
@@ -92,6 +95,7 @@ async def serve(
         hub.close()  # ends the live streams, so granian's shutdown does not wait on them
         await stop_granian(server, task)
         await subscriber.close()
+        watched.close()
         await proxy.close()
         await api.close()
         await stores.close()

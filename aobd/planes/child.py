@@ -146,15 +146,18 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
     link.start()
     rpc_server: Any = None
     publisher: Any = None
+    watched: Any = None
     if accept:
         # Serve this Service to the accept workers, and publish committed events to the fanout plane for their
         # live streams.
         from .fanout import EventPublisher
         from .rpc import RpcServer
+        from .watched import WatchedAnywhere
 
         rpc_server = RpcServer(service, paths.orchestrator_rpc(config, index))
         await rpc_server.start()
-        publisher = EventPublisher(config)
+        watched = WatchedAnywhere(paths.watched_runs(config, i) for i in range(config.planes.accept_workers))
+        publisher = EventPublisher(config, watched=watched)
         service.engine.record_listeners.append(publisher)
     run = asyncio.create_task(daemon.run())
     serving = asyncio.create_task(daemon.serving.wait())
@@ -173,6 +176,8 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
             await rpc_server.close()
         if publisher is not None:
             publisher.close()
+        if watched is not None:
+            watched.close()
         await link.close()
         await transport.close()
         documents.close()

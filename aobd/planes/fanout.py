@@ -4,9 +4,10 @@ Orchestrators publish through an :class:`EventPublisher` (an engine record liste
 (:func:`aobd.planes.paths.fanout_in`); the plane forwards to its XPUB (:func:`aobd.planes.paths.fanout_out`), where
 each accept worker's :class:`FanoutSubscriber` feeds the local :class:`~aobd.api.fanout.FanoutHub` that SSE and
 WebSocket streams subscribe to. A message is one frame, the msgpack array ``[[run_id, [event JSON, ...]], ...]``:
-everything an orchestrator committed in one turn of its loop, each run's events in seq order, exactly as stored
-in the log. One message per turn rather than per run is what keeps the proxy and every accept worker cheap at
-hundreds of runs in flight: they pay per message, and most messages concern runs nobody watches.
+everything an orchestrator committed in one turn of its loop for the runs some stream follows, each run's events
+in seq order, exactly as stored in the log. Orchestrators publish only runs that an accept worker's stream
+follows, by the shared table of :mod:`aobd.planes.watched`, and one message per turn rather than per run: the
+proxy and every accept worker pay per message.
 
 Delivery is best effort, which the streams already tolerate: they replay history from the event log before
 following live events, fill a gap in seqs from the log, and a client resumes with ``Last-Event-ID``. Publishing
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -110,13 +111,23 @@ class EventPublisher:
 
     The engine calls it once per committed step (one run) with the step's records, the events already encoded
     for the log, so they travel as they are (encoding a W6 run's 20 events again cost about 10 us). Records are
-    gathered until the event loop turns and then sent as one message per run, so a burst of commits costs one
-    send per run, not per step.
+    gathered until the event loop turns and then sent as one message, so a burst of commits costs one send.
+    With ``watched`` (an orchestrator's :class:`~aobd.planes.watched.WatchedAnywhere`), only the steps of runs
+    some accept worker's stream follows are published: the rest would cost every process on the way a wakeup
+    for nothing.
 
-    Usage: ``publisher = EventPublisher(config); engine.record_listeners.append(publisher)``; ``publisher.close()``.
+    Usage: ``publisher = EventPublisher(config, watched=...); engine.record_listeners.append(publisher)``;
+    ``publisher.close()``.
     """
 
-    def __init__(self, config: Config, *, endpoint: str | None = None, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        endpoint: str | None = None,
+        context: zmq.Context[Any] | None = None,
+        watched: Callable[[str], bool] | None = None,
+    ) -> None:
         self._own_context = context is None
         self._context = context or zmq.Context()
         # A plain (blocking-API) socket: PUB never blocks, so the sync listener can send from the loop thread.
@@ -124,11 +135,16 @@ class EventPublisher:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         self._socket.connect(endpoint or paths.fanout_in(config))
+        self._watched = watched
         self._pending: dict[str, list[bytes]] = {}
         self._scheduled = False
+        #: Messages sent, and dropped at the high-water mark.
+        self.sent = 0
         self.dropped = 0
 
     def __call__(self, run_id: str, records: list[EventRecord]) -> None:
+        if self._watched is not None and not self._watched(run_id):
+            return
         self._pending.setdefault(run_id, []).extend(record.data for record in records)
         if self._scheduled:
             return
@@ -145,6 +161,7 @@ class EventPublisher:
         pending, self._pending = self._pending, {}
         try:
             self._socket.send(_encoder.encode(list(pending.items())), flags=zmq.NOBLOCK)
+            self.sent += 1
         except zmq.Again:
             self.dropped += 1  # streams refill the gap from the log
         except zmq.ZMQError:

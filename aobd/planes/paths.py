@@ -74,6 +74,11 @@ def rate_limits(config: Config) -> Path:
     return socket_dir(config) / "rate-limits"
 
 
+def watched_runs(config: Config, index: int) -> Path:
+    """Accept worker ``index``'s table of the runs its live streams follow (:mod:`aobd.planes.watched`)."""
+    return socket_dir(config) / f"watched-runs-{index}"
+
+
 def shard_of(run_id: str, orchestrators: int) -> int:
     """The orchestrator that drives ``run_id`` (stable across restarts: a hash of the id, not of the process)."""
     if orchestrators <= 1:
