@@ -26,16 +26,7 @@ import tempfile
 from pathlib import Path
 
 from perf.spy_top import summarize
-from perf.w6 import _tree, add_inline_argument, process_cpu_split, start_bench_daemon, w6_document
-
-
-def _role(pid: int) -> str:
-    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    text = [a.decode() for a in args if a]
-    if "aobd.planes.child" in text:
-        at = text.index("aobd.planes.child")
-        return f"{text[at + 1]}-{text[at + 2]}"
-    return "supervisor"
+from perf.w6 import _tree, add_inline_argument, plane_of, process_cpu_split, start_bench_daemon, w6_document
 
 
 def _profiler_command(profiler: str, pid: int, out: Path) -> list[str]:
@@ -69,7 +60,7 @@ async def profile(
     daemon = await start_bench_daemon(work / "data", "full", "multi-accept", inline, orchestrators)
     try:
         pids = _tree(daemon.proc.pid)
-        roles = {pid: _role(pid) for pid in pids}
+        roles = {pid: plane_of(pid, with_index=True) for pid in pids}
         before = {pid: process_cpu_split(pid) for pid in pids}
         spies = {}
         for pid in pids:

@@ -94,15 +94,18 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(process_cpu_seconds(pid) for pid in _tree(root))
 
 
-def plane_of(pid: int) -> str:
-    """Which part of a daemon a process is: its plane's role (``python -m aobd.planes.child ROLE INDEX``), or
-    "supervisor" for any other process of the tree (the supervisor, or a single-process daemon)."""
+def plane_of(pid: int, *, with_index: bool = False) -> str:
+    """Which part of a daemon a process is: its plane's role (``python -m aobd.planes.child ROLE INDEX``, as
+    "ROLE-INDEX" ``with_index``), or "supervisor" for any other process of the tree (the supervisor, or a
+    single-process daemon)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return "gone"
     if b"aobd.planes.child" in argv:
-        return argv[argv.index(b"aobd.planes.child") + 1].decode()
+        at = argv.index(b"aobd.planes.child")
+        role = argv[at + 1].decode()
+        return f"{role}-{argv[at + 2].decode()}" if with_index else role
     return "supervisor"
 
 

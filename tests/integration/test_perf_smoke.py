@@ -141,6 +141,10 @@ def test_w6_over_http2_reports_runs_hops_and_the_daemons_cpu() -> None:
     assert result["completed"] == 40 and result["orchestrators"] == "auto"
     assert result["hop_p50_ms"] is not None and result["hop_p99_ms"] >= result["hop_p50_ms"]
     assert result["cpu_ms_per_1000_nodes"] > 0 and result["peak_rss_mb"] > 0
+    by_plane = result["cpu_ms_per_1000_nodes_by_plane"]
+    assert {"orchestrator", "accept", "runner", "fanout", "supervisor"} <= by_plane.keys()
+    assert by_plane["orchestrator"] > 0 and by_plane["accept"] > 0
+    assert sum(by_plane.values()) == pytest.approx(result["cpu_ms_per_1000_nodes"], abs=0.5)
 
 
 def test_spy_top_folds_lines_into_functions(tmp_path: Path) -> None:
