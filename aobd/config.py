@@ -204,7 +204,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Runs this process computes at once (0: no limit); more new runs wait to start, by priority, and a run
     #: waiting on a runner, an HTTP call, an approval or a timer does not count (aobd.engine.admission, whose
     #: DEFAULT_LIMIT is the same number: a literal here, so that loading the config does not import asyncio).
-    max_computing_runs: Annotated[int, msgspec.Meta(ge=0)] = 64
+    max_computing_runs: Annotated[int, msgspec.Meta(ge=0)] = 128
     #: How long a new run may wait to start before ``POST /v1/runs`` answers 503 (nothing recorded: safe to
     #: retry). In the planes an accept worker waits this much longer for the orchestrator's answer.
     start_wait_s: Annotated[float, msgspec.Meta(gt=0.0)] = 5.0
