@@ -23,13 +23,41 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import zmq
+import zmq.backend
 
 __all__ = ["LoopSocket"]
 
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+
+# The compiled socket's own methods, called with plain int flags. pyzmq's Python layer (``send_multipart``,
+# ``recv_multipart``, ``Socket.send``) adds a frame per call and an ``enum.Flag`` operation per frame: half the
+# cost of a two-frame message (3.6 against 1.8 us for a send and a receive, measured).
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+def _send_frames(socket: zmq.Socket[Any], frames: list[bytes]) -> None:
+    """Send one message without blocking; raises zmq.Again when zmq cannot take it (a message is taken whole or
+    not at all: the high-water mark is checked at its first frame)."""
+    last = len(frames) - 1
+    for frame in frames[:last]:
+        _send(socket, frame, _MORE_NOBLOCK)
+    _send(socket, frames[last], _NOBLOCK)
+
+
+def _recv_frames(socket: zmq.Socket[Any]) -> list[bytes]:
+    """Receive one waiting message, all its frames; raises zmq.Again when none is waiting."""
+    frames = [_recv(socket, _NOBLOCK)]
+    while _get(socket, _RCVMORE):
+        frames.append(_recv(socket, _NOBLOCK))
+    return frames
+
 
 #: Messages handled per service before yielding to the loop's other callbacks (then serviced again at once).
 BUDGET = 256
@@ -66,7 +94,7 @@ class LoopSocket:
         sent = False
         if not self._outbox:
             try:
-                self.socket.send_multipart(frames, _NOBLOCK)
+                _send_frames(self.socket, frames)
                 sent = True
             except zmq.Again:
                 pass
@@ -102,34 +130,41 @@ class LoopSocket:
             return
         socket = self.socket
         handled = 0
+        # Reading the events re-arms the descriptor's edge, so stop only when the events read after the last
+        # operation show nothing to do: any send or receive may consume the edge of a message arriving meanwhile.
+        events = cast(int, _get(socket, _EVENTS))
         while True:
-            # Reading the events re-arms the descriptor's edge; stop only after a read that finds nothing to do,
-            # since any send or receive below may consume the edge of a message arriving meanwhile.
-            events = cast(int, socket.getsockopt(_EVENTS))
-            busy = False
-            if events & _POLLOUT and self._outbox:
-                busy = self._flush()
-            if events & _POLLIN:
-                busy = True
-                while handled < BUDGET:
-                    try:
-                        frames = socket.recv_multipart(_NOBLOCK)
-                    except zmq.Again:
-                        break
-                    handled += 1
-                    try:
-                        self.on_message(frames)
-                    except Exception as exc:  # one bad message must not stop the socket
-                        self._loop.call_exception_handler(
-                            {"message": "zmq message handler failed", "exception": exc, "socket": self}
-                        )
-                    if self.closed:
-                        return
-                else:
+            acted = False  # whether anything was sent or received: only then can there be more to do
+            stale = False  # whether an operation ran since ``events`` was read
+            if events & _POLLOUT and self._outbox and self._flush():
+                acted = stale = True
+            # POLLIN: a message can be received now. The events are read again after each message rather than
+            # receiving until zmq.Again, whose exception costs more than the read (2.5 against 0.9 us).
+            while events & _POLLIN:
+                if handled == BUDGET:
                     self._schedule()  # more may be waiting: let the loop's other callbacks run first
                     return
-            if not busy:
+                try:
+                    frames = _recv_frames(socket)
+                except zmq.Again:
+                    acted = stale = True
+                    break
+                handled += 1
+                acted = True
+                try:
+                    self.on_message(frames)
+                except Exception as exc:  # one bad message must not stop the socket
+                    self._loop.call_exception_handler(
+                        {"message": "zmq message handler failed", "exception": exc, "socket": self}
+                    )
+                if self.closed:
+                    return
+                events = cast(int, _get(socket, _EVENTS))  # after the handler, which may have sent
+                stale = False
+            if not acted:
                 return
+            if stale:
+                events = cast(int, _get(socket, _EVENTS))
 
     def _flush(self) -> bool:
         """Send queued messages while zmq takes them; True when at least one went."""
@@ -137,7 +172,7 @@ class LoopSocket:
         sent = False
         while outbox:
             try:
-                socket.send_multipart(outbox[0], _NOBLOCK)
+                _send_frames(socket, outbox[0])
             except zmq.Again:
                 break
             outbox.popleft()
