@@ -8,7 +8,6 @@ otherwise (another workspace's objects are indistinguishable from missing ones, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -353,9 +352,7 @@ class Service:
                 await self._wait_in_log(run_id, wait_s)
             return (await self.engine.load(run_id)).summary()
         if wait_s > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):  # not wait_for: that wraps the wait in a task per request
-                    return await self.engine.wait(run_id)
+            return await self.engine.wait(run_id, timeout_s=wait_s)
         return (await self.engine.load(run_id)).summary()
 
     async def _wait_in_log(self, run_id: str, wait_s: float) -> None:

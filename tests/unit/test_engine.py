@@ -557,3 +557,25 @@ def test_each_attempt_gets_its_own_services_naming_the_engines_current_agent_que
     assert [s["agent_jobs"] for s in seen] == [first, first, second, second]
     assert not any("scribbled" in s for s in seen)
     assert all(s["document"]["nodes"][0]["id"] == "a" and s["version"].startswith("sha256:") for s in seen)
+
+
+def test_a_waiter_that_gives_up_leaves_the_others_waiting_for_the_end() -> None:
+    slow = workflow([fn("nap", "builtin:sleep", config={"handler": "builtin:sleep", "ms": 100})], [])
+
+    async def go() -> None:
+        eng = Engine(MemoryEventLog(), MemoryCas())
+        try:
+            run_id = await eng.start_run(slow, {})
+            impatient = asyncio.create_task(eng.wait(run_id))
+            patient = asyncio.create_task(eng.wait(run_id))
+            await asyncio.sleep(0.01)
+            impatient.cancel()  # a client that leaves
+            with pytest.raises(asyncio.CancelledError):
+                await impatient
+            assert (await eng.wait(run_id, timeout_s=0.01))["status"] == "running"  # the run as it stands
+            assert (await patient)["status"] == "completed"
+            assert (await eng.wait(run_id))["status"] == "completed"  # after the end: from the log
+        finally:
+            await eng.close()
+
+    run_async(go())
