@@ -250,6 +250,15 @@ class RpcServer:
 # ---------------------------------------------------------------------------------------------- client
 
 
+class _CallTimedOut(Exception):
+    """A call's reply did not come in time (set on its future by the call's timer)."""
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_CallTimedOut())
+
+
 class _Channel:
     """A DEALER to one orchestrator: many calls in flight, matched to their replies by id."""
 
@@ -270,21 +279,28 @@ class _Channel:
         if self._socket.closed:
             raise Unavailable("the accept worker is shutting down")
         call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[call_id] = future
         request = [_encoder.encode((call_id, method, args, kwargs))]
+        # A timer on the reply's future, not asyncio.timeout: its context manager is interpreted code, per call.
+        timer = loop.call_later(timeout_s, _time_out, future)
         try:
             self._socket.send(request)
-            async with asyncio.timeout(timeout_s):
-                return await future
-        except TimeoutError:
+            return await future
+        except _CallTimedOut:
             raise Unavailable(
                 f"the orchestrator at {self.endpoint} did not answer {method} within {timeout_s:g} s",
                 details=[{"endpoint": self.endpoint, "method": method}],
             ) from None
         finally:
-            if self._pending.pop(call_id, None) is not None and not future.done():
-                self._socket.discard(request)  # still queued (no orchestrator connected): it must not go later
+            timer.cancel()
+            self._pending.pop(call_id, None)
+            if not future.done() or future.cancelled() or isinstance(future.exception(), _CallTimedOut):
+                # No reply: the request may still be queued (no orchestrator connected), and must not go later.
+                # (The old check, "not future.done()", was never true here: a timeout or a cancelled caller
+                # cancels or fails the future first, so a queued request went out after its caller gave up.)
+                self._socket.discard(request)
 
     def _read(self, frames: list[bytes]) -> None:
         try:

@@ -197,6 +197,37 @@ def test_an_orchestrator_that_does_not_answer_is_unavailable(sockets: Path) -> N
     run_async(nobody())
 
 
+def test_a_call_that_timed_out_before_any_orchestrator_listened_is_never_delivered(sockets: Path) -> None:
+    endpoint = f"ipc://{sockets}/late.rpc"
+    service = FakeService(0)
+    served: list[str] = []
+    answer = service.get_run
+
+    async def get_run(caller: Caller, run_id: str) -> dict[str, Any]:
+        served.append(run_id)
+        return await answer(caller, run_id)
+
+    service.get_run = get_run  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        proxy = ServiceProxy(Config(data_dir=str(sockets)), endpoints=[endpoint], timeout_s=0.2)
+        await proxy.start()
+        server = RpcServer(service, endpoint)
+        try:
+            with pytest.raises(Unavailable):
+                await proxy.get_run(CALLER, "r-given-up")  # queued: nobody is bound yet
+            await server.start()  # the orchestrator comes up after its caller gave up
+            proxy.timeout_s = 5.0
+            assert (await proxy.get_run(CALLER, "r-later"))["run_id"] == "r-later"
+            await asyncio.sleep(0.1)
+            assert served == ["r-later"]
+        finally:
+            await proxy.close()
+            await server.close()
+
+    run_async(scenario())
+
+
 def test_only_allowed_methods_are_served(sockets: Path) -> None:
     async def scenario(proxy: ServiceProxy) -> None:
         with pytest.raises(RemoteError, match="not served"):
