@@ -27,6 +27,7 @@ from aobd.daemon.service import Service
 from aobd.planes import paths
 from aobd.planes.fanout import EventPublisher
 from aobd.planes.rpc import RpcServer
+from aobd.planes.watched import WatchedAnywhere
 from aobd.store.factory import open_stores
 from tests.conftest import ROOT, fn, workflow
 from tests.integration.daemon import free_port
@@ -63,7 +64,10 @@ class Orchestrator(threading.Thread):
 
     async def _main(self) -> None:
         service = Service(self.config, await open_stores(self.config))
-        publisher = EventPublisher(self.config)
+        # As an orchestrator child does: publish only the runs an accept worker's stream follows.
+        paths.ensure_socket_dir(self.config)
+        watched = WatchedAnywhere(paths.watched_runs(self.config, i) for i in range(self.config.planes.accept_workers))
+        publisher = EventPublisher(self.config, watched=watched)
         service.engine.record_listeners.append(publisher)
         await service.start()
         rpc = RpcServer(service, paths.orchestrator_rpc(self.config, 0))
@@ -73,6 +77,7 @@ class Orchestrator(threading.Thread):
         await self._stopping.wait()
         await rpc.close()
         publisher.close()
+        watched.close()
         await service.drain(1.0)
         await service.close()
 
@@ -117,7 +122,8 @@ def _sse(port: int, run_id: str) -> list[tuple[int, str]]:
         assert response.status == 200
         seen: list[tuple[int, str]] = []
         seq = 0
-        # Heartbeats (every second here) keep the read going: a stream that never ends fails within the deadline.
+        # The heartbeat is longer than the deadline here, so the stream's idle catch-up from the log cannot stand
+        # in for live delivery: a stream whose events do not come through the fanout plane fails the test.
         deadline = time.monotonic() + 20
         for raw in response:
             assert time.monotonic() < deadline, f"the stream did not end; it got {seen}"
@@ -138,7 +144,7 @@ def planes() -> Iterator[tuple[int, Path]]:
     port = free_port()
     config = Config(
         data_dir=str(tmp / "data"),
-        api=ApiConfig(listen=f"127.0.0.1:{port}", heartbeat_s=1.0),
+        api=ApiConfig(listen=f"127.0.0.1:{port}", heartbeat_s=60.0),
         planes=PlanesConfig(orchestrators=1, accept_workers=2, socket_dir=str(tmp / "s")),
     )
     procs = [_spawn(_FANOUT, config, log=tmp / "fanout.log")]
