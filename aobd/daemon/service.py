@@ -36,6 +36,7 @@ from aobd.errors import (
 )
 from aobd.model import events as ev
 from aobd.model.canonical import canonical_json, sha256_ref
+from aobd.model.events import NodeCompleted, NodeScheduled, NodeStarted
 from aobd.model.patch import PatchProposal, handler_modules
 from aobd.model.validate import load_workflow
 from aobd.nodes.function import module_allowed
@@ -205,11 +206,20 @@ class Service:
         slow call (msgspec's metaclass) and a chain of them per event was 5% of an orchestrator's CPU.
         """
         refs: dict[str, list[str]] = {}
+        workspace_of = self._workspace_of
         for e in events:
-            if type(e) is ev.NodeScheduled:
+            kind = type(e)  # the common types by identity first: cheaper than a failed isinstance
+            if kind is NodeScheduled:
                 continue
-            workspace = self._workspace_of.get(e.run_id, "default")
-            if isinstance(e, ev.NodeStarted):
+            workspace = workspace_of.get(e.run_id, "default")
+            if kind is NodeStarted:
+                refs.setdefault(workspace, []).append(e.inputs_ref)
+            elif kind is NodeCompleted:
+                owned = refs.setdefault(workspace, [])
+                owned.append(e.output_ref)
+                if e.exchange_ref:
+                    owned.append(e.exchange_ref)
+            elif isinstance(e, ev.NodeStarted):
                 refs.setdefault(workspace, []).append(e.inputs_ref)
             elif isinstance(e, ev.NodeCompleted):
                 owned = refs.setdefault(workspace, [])
