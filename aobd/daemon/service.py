@@ -208,20 +208,13 @@ class Service:
         refs: dict[str, list[str]] = {}
         workspace_of = self._workspace_of
         for e in events:
-            kind = type(e)  # the common types by identity first: cheaper than a failed isinstance
-            if kind is NodeScheduled:
+            # The node events by identity (event classes are not subclassed): cheaper than a failed isinstance.
+            if type(e) is NodeScheduled:
                 continue
             workspace = workspace_of.get(e.run_id, "default")
-            if kind is NodeStarted:
+            if type(e) is NodeStarted:
                 refs.setdefault(workspace, []).append(e.inputs_ref)
-            elif kind is NodeCompleted:
-                owned = refs.setdefault(workspace, [])
-                owned.append(e.output_ref)
-                if e.exchange_ref:
-                    owned.append(e.exchange_ref)
-            elif isinstance(e, ev.NodeStarted):
-                refs.setdefault(workspace, []).append(e.inputs_ref)
-            elif isinstance(e, ev.NodeCompleted):
+            elif type(e) is NodeCompleted:
                 owned = refs.setdefault(workspace, [])
                 owned.append(e.output_ref)
                 if e.exchange_ref:
