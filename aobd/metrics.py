@@ -142,6 +142,28 @@ class _EventLogCollector:
         ]
 
 
+class _FanoutCollector:
+    """An orchestrator's publisher to the fanout plane (:class:`aobd.planes.fanout.EventPublisher`), read at
+    scrape time."""
+
+    def __init__(self, publisher: Any) -> None:
+        self._publisher = publisher
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        messages = CounterMetricFamily(
+            "aobd_fanout_messages",
+            "Messages of committed events published to the fanout plane for live streams; dropped: the plane was "
+            "at its high-water mark (the streams catch up from the log).",
+            labels=["outcome"],
+        )
+        messages.add_metric(["sent"], self._publisher.sent)
+        messages.add_metric(["dropped"], self._publisher.dropped)
+        return [messages]
+
+
 class _AdmissionCollector:
     """An engine's admission of new runs (:class:`aobd.engine.admission.Admission`), read at scrape time."""
 
@@ -357,6 +379,11 @@ class Metrics:
         """Export an engine's admission places and waits (``aobd_runs_computing``, ``aobd_runs_waiting_to_start``,
         ``aobd_run_admission_wait_seconds``), read per scrape."""
         self.registry.register(_AdmissionCollector(admission))
+
+    def track_fanout(self, publisher: Any) -> None:
+        """Export an orchestrator's messages to the fanout plane (``aobd_fanout_messages_total{outcome}``), read
+        per scrape."""
+        self.registry.register(_FanoutCollector(publisher))
 
     def track_planes(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Export the multi-process daemon's health table (``aobd_plane_*``), read from ``snapshot`` per scrape."""

@@ -160,6 +160,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
         watched = WatchedAnywhere(paths.watched_runs(config, i) for i in range(config.planes.accept_workers))
         publisher = EventPublisher(config, watched=watched)
         service.engine.record_listeners.append(publisher)
+        daemon.metrics.track_fanout(publisher)
     run = asyncio.create_task(daemon.run())
     serving = asyncio.create_task(daemon.serving.wait())
     await asyncio.wait({run, serving}, return_when=asyncio.FIRST_COMPLETED)

@@ -309,6 +309,17 @@ def test_admission_places_and_waits_are_read_at_scrape_time(metrics: Metrics) ->
     assert value(metrics, "aobd_runs_computing") == 1
 
 
+def test_messages_to_the_fanout_plane_are_read_at_scrape_time(metrics: Metrics) -> None:
+    class Publisher:
+        sent, dropped = 0, 0
+
+    publisher = Publisher()
+    metrics.track_fanout(publisher)
+    publisher.sent, publisher.dropped = 12, 3
+    assert value(metrics, "aobd_fanout_messages_total", outcome="sent") == 12
+    assert value(metrics, "aobd_fanout_messages_total", outcome="dropped") == 3
+
+
 class _Store:
     def __init__(self) -> None:
         self.metrics = GroupCommitMetrics()
