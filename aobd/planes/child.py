@@ -156,8 +156,7 @@ async def orchestrator(config: Config, index: int, config_path: str | None) -> i
 
         rpc_server = RpcServer(service, paths.orchestrator_rpc(config, index))
         await rpc_server.start()
-        paths.ensure_socket_dir(config)  # the accept workers' tables may not exist yet: this creates them
-        watched = WatchedAnywhere(paths.watched_runs(config, i) for i in range(config.planes.accept_workers))
+        watched = WatchedAnywhere.of_daemon(config)
         publisher = EventPublisher(config, watched=watched)
         service.engine.record_listeners.append(publisher)
         daemon.metrics.track_fanout(publisher)

@@ -298,8 +298,7 @@ class _Channel:
             self._pending.pop(call_id, None)
             if not future.done() or future.cancelled() or isinstance(future.exception(), _CallTimedOut):
                 # No reply: the request may still be queued (no orchestrator connected), and must not go later.
-                # (The old check, "not future.done()", was never true here: a timeout or a cancelled caller
-                # cancels or fails the future first, so a queued request went out after its caller gave up.)
+                # A timeout or a cancelled caller has settled the future by now, so "not done" alone misses them.
                 self._socket.discard(request)
 
     def _read(self, frames: list[bytes]) -> None:

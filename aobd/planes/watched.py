@@ -4,7 +4,8 @@ only the events of those runs.
 Publishing every committed step to the fanout plane cost more than anything else the planes do beside the
 engine: each message woke the orchestrator's zmq I/O thread, the fanout proxy and its I/O thread, and every
 accept worker, which decoded the whole batch only to drop the runs nobody watched (nearly all of them). W6 over
-HTTP/2 ran 45-60% more runs per second without it, at a third less CPU per node (docs/performance.md).
+HTTP/2 at 16 streams ran 34-38% more runs per second with this table, at 28% less CPU per node
+(docs/performance.md).
 
 Each accept worker owns one file, ``watched-runs-<index>`` in the planes' socket directory: ``SLOTS`` bytes, byte
 ``slot_of(run_id)`` set while its hub holds a subscription to some run whose id falls in that slot. The worker is
@@ -29,6 +30,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
+
+from aobd.config import Config
+
+from . import paths
 
 __all__ = ["SLOTS", "WatchedAnywhere", "WatchedRuns", "slot_of"]
 
@@ -93,8 +98,14 @@ class WatchedAnywhere:
     """An orchestrator's view of every accept worker's file: ``watched(run_id)`` is whether any worker might have
     a stream following ``run_id`` (true also for a run sharing a slot with a watched one)."""
 
-    def __init__(self, paths: Iterable[Path]) -> None:
-        self._maps = [_map(path) for path in paths]
+    def __init__(self, tables: Iterable[Path]) -> None:
+        self._maps = [_map(path) for path in tables]
+
+    @classmethod
+    def of_daemon(cls, config: Config) -> WatchedAnywhere:
+        """Every accept worker's table of the daemon ``config`` describes (made when a worker has not yet)."""
+        paths.ensure_socket_dir(config)
+        return cls(paths.watched_runs(config, i) for i in range(config.planes.accept_workers))
 
     def __call__(self, run_id: str) -> bool:
         slot = slot_of(run_id)

@@ -65,8 +65,7 @@ class Orchestrator(threading.Thread):
     async def _main(self) -> None:
         service = Service(self.config, await open_stores(self.config))
         # As an orchestrator child does: publish only the runs an accept worker's stream follows.
-        paths.ensure_socket_dir(self.config)
-        watched = WatchedAnywhere(paths.watched_runs(self.config, i) for i in range(self.config.planes.accept_workers))
+        watched = WatchedAnywhere.of_daemon(self.config)
         publisher = EventPublisher(self.config, watched=watched)
         service.engine.record_listeners.append(publisher)
         await service.start()
